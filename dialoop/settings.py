@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,7 +36,7 @@ def settings() -> Settings:
     return _current
 
 
-def configure(**overrides: object) -> Settings:
+def configure(**overrides: Any) -> Settings:
     """Re-read the environment and apply CLI flag overrides (None means 'not given')."""
     global _current
     _current = Settings(**{k: v for k, v in overrides.items() if v is not None})
