@@ -1,0 +1,25 @@
+"""Plain training records, the contract between `dialoop.formats` (and the store) and `dialoop.train`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ChatMessage = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    """One conversation for SFT; the loss covers its assistant turns."""
+
+    messages: list[ChatMessage]
+
+
+@dataclass(frozen=True)
+class RankingExample:
+    """K replies to one context, ranked by a trainer; one example is one reward-model batch element."""
+
+    prompt: list[ChatMessage]  # the context; its last message is a user turn
+    completions: list[str]  # the K assistant replies
+    ranking: list[int]  # indices into `completions`, best first
+    ties: list[tuple[int, int]] = field(default_factory=list)  # pairs judged equally good
+    all_bad: bool = False  # every reply is bad: no ordering signal

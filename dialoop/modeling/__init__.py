@@ -1,0 +1,1 @@
+"""Loading causal LMs and tokenizers, chat templates, generation, reward and value heads."""
