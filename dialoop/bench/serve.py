@@ -1,0 +1,176 @@
+"""Serving benchmark: time to first token and aggregate tokens/s for 1, 4 and 8 concurrent streams.
+
+    dialoop bench serve --json
+
+Starts the real server (uvicorn on loopback, a throwaway store) on the embedded default model, then for
+each concurrency C runs `rounds` rounds of C simultaneous streaming `/v1/chat/completions` requests.
+Target: aggregate tokens/s at 8 streams >= 3x one stream (requests that arrive together decode together).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+from dialoop.modeling.device import pick_device
+from dialoop.modeling.loading import default_model_dir
+from dialoop.serve.app import create_app, serve_in_background
+from dialoop.serve.deps import ServeSettings
+from dialoop.settings import settings
+from dialoop.store.accounts import create_api_key, create_user
+from dialoop.store.db import session_scope
+
+log = logging.getLogger(__name__)
+
+TARGET_SPEEDUP = 3.0  # aggregate tokens/s at the highest concurrency over one stream
+PROMPTS = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a bicycle stays upright, step by step.",
+    "Describe your ideal weekend in detail.",
+    "Write a letter to a friend about learning to cook.",
+    "List ten things to pack for a week of hiking, and say why for each.",
+    "Explain photosynthesis to a ten-year-old.",
+    "Tell me about the history of the printing press.",
+    "Write a poem about autumn rain in a city.",
+)
+
+
+@dataclass
+class LevelResult:
+    """The figures for one concurrency level."""
+
+    concurrency: int
+    requests: int
+    completion_tokens: int
+    wall_s: float
+    tokens_per_s: float
+    ttft_p50_ms: float
+    ttft_p95_ms: float
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+async def _one_stream(http: httpx.AsyncClient, prompt: str, max_tokens: int, seed: int) -> tuple[float, int]:
+    """(seconds to the first text, completion tokens) of one streamed request."""
+    body = {
+        "model": "default",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0.7,
+        "seed": seed,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    first: float | None = None
+    tokens = 0
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(
+                f"request failed ({response.status_code}): {(await response.aread()).decode()}"
+            )
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            if "error" in chunk:
+                raise RuntimeError(f"generation failed: {chunk['error']['message']}")
+            if first is None and any(c["delta"].get("content") for c in chunk["choices"]):
+                first = time.perf_counter() - started
+            if chunk.get("usage"):
+                tokens = int(chunk["usage"]["completion_tokens"])
+    return (first if first is not None else time.perf_counter() - started), tokens
+
+
+async def _level(
+    url: str, key: str, concurrency: int, rounds: int, max_tokens: int
+) -> tuple[list[float], int, float]:
+    """TTFTs, total completion tokens and wall seconds of `rounds` rounds of `concurrency` streams."""
+    ttfts: list[float] = []
+    tokens = 0
+    wall = 0.0
+    limits = httpx.Limits(max_connections=concurrency + 2)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as http:
+        for r in range(rounds):
+            started = time.perf_counter()
+            results = await asyncio.gather(
+                *(
+                    _one_stream(
+                        http, PROMPTS[(r * concurrency + i) % len(PROMPTS)], max_tokens, seed=r * 100 + i
+                    )
+                    for i in range(concurrency)
+                )
+            )
+            wall += time.perf_counter() - started
+            ttfts += [t for t, _ in results]
+            tokens += sum(n for _, n in results)
+    return ttfts, tokens, wall
+
+
+def bench_serve(
+    model: str | Path | None = None,
+    *,
+    concurrency: Sequence[int] = (1, 4, 8),
+    rounds: int = 3,
+    max_tokens: int = 128,
+) -> dict[str, Any]:
+    """Run the benchmark against a real server on loopback; returns the figures as a JSON-able dict."""
+    if not concurrency or min(concurrency) < 1 or rounds < 1 or max_tokens < 1:
+        raise ValueError("concurrency levels, rounds and max_tokens must all be >= 1")
+    model_path = Path(model) if model is not None else default_model_dir()
+    serve_settings = ServeSettings(max_batch=max(16, *concurrency), max_queue=4 * max(concurrency))
+    home = settings().home
+    home.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-serve-", dir=home) as tmp:
+        app = create_app(
+            database_url=f"sqlite:///{tmp}/store.db", model=model_path, serve_settings=serve_settings
+        )
+        with session_scope(app.state.engine) as session:
+            _, key = create_api_key(session, create_user(session, "bench", "user", "bench-password"))
+        worker = app.state.worker
+        levels: list[LevelResult] = []
+        with serve_in_background(app) as url:
+            asyncio.run(_level(url, key, 1, 1, 8))  # warm up: first-call allocations, lazy inits
+            for c in concurrency:
+                seen = worker.stats.batches
+                ttfts, tokens, wall = asyncio.run(_level(url, key, c, rounds, max_tokens))
+                levels.append(
+                    LevelResult(
+                        concurrency=c,
+                        requests=len(ttfts),
+                        completion_tokens=tokens,
+                        wall_s=round(wall, 3),
+                        tokens_per_s=round(tokens / wall, 2),
+                        ttft_p50_ms=round(float(np.percentile(ttfts, 50)) * 1000, 1),
+                        ttft_p95_ms=round(float(np.percentile(ttfts, 95)) * 1000, 1),
+                        batch_sizes=list(worker.stats.batch_sizes)[seen:],
+                    )
+                )
+                log.info("concurrency %d: %.1f tokens/s", c, levels[-1].tokens_per_s)
+    one = next((lv for lv in levels if lv.concurrency == 1), None)
+    top = max(levels, key=lambda lv: lv.concurrency)
+    speedup = round(top.tokens_per_s / one.tokens_per_s, 2) if one is not None and one.tokens_per_s else None
+    return {
+        "benchmark": "serve",
+        "model": str(model_path),
+        "device": str(pick_device()),
+        "torch_threads": torch.get_num_threads(),
+        "max_tokens": max_tokens,
+        "rounds": rounds,
+        "levels": [asdict(lv) for lv in levels],
+        "speedup": speedup,
+        "speedup_at": top.concurrency,
+        "target_speedup": TARGET_SPEEDUP,
+        "meets_target": speedup is not None and speedup >= TARGET_SPEEDUP,
+    }

@@ -1,0 +1,61 @@
+"""`dialoop bench ...`: the speed and memory benchmarks (targets live here, never in timed tests)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dialoop.cli._app import app
+
+console = Console()
+err_console = Console(stderr=True)
+
+bench_app = typer.Typer(help="Benchmarks: speed and memory targets.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("serve")
+def bench_serve_command(
+    model: str | None = typer.Option(
+        None, "--model", help="HF model directory (default: the embedded default).", show_default=False
+    ),
+    concurrency: str = typer.Option("1,4,8", "--concurrency", help="Comma-separated numbers of streams."),
+    rounds: int = typer.Option(3, "--rounds", help="Rounds of simultaneous streams per level."),
+    max_tokens: int = typer.Option(128, "--max-tokens", help="max_tokens of each request."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+) -> None:
+    """Time to first token and aggregate tokens/s of the server for 1, 4 and 8 concurrent streams."""
+    from dialoop.bench.serve import bench_serve
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        levels = [int(c) for c in concurrency.split(",") if c.strip()]
+        result = bench_serve(model, concurrency=levels, rounds=rounds, max_tokens=max_tokens)
+    except ValueError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"dialoop bench serve ({result['device']}, max_tokens={result['max_tokens']})")
+    for column in ("streams", "requests", "tokens", "tokens/s", "TTFT p50 ms", "TTFT p95 ms"):
+        table.add_column(column, justify="right")
+    for lv in result["levels"]:
+        table.add_row(
+            str(lv["concurrency"]),
+            str(lv["requests"]),
+            str(lv["completion_tokens"]),
+            f"{lv['tokens_per_s']:.1f}",
+            f"{lv['ttft_p50_ms']:.0f}",
+            f"{lv['ttft_p95_ms']:.0f}",
+        )
+    console.print(table)
+    verdict = "[green]meets[/green]" if result["meets_target"] else "[red]misses[/red]"
+    console.print(
+        f"speedup at {result['speedup_at']} streams: {result['speedup']}x, {verdict} the "
+        f"{result['target_speedup']}x target"
+    )

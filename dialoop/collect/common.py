@@ -1,0 +1,70 @@
+"""What every trainer workflow shares: the policy handle, role checks, contexts, sampling records."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from dialoop.formats.records import ChatMessage
+from dialoop.modeling.chat import Reply, generate_replies
+from dialoop.modeling.generation import SamplingParams
+from dialoop.store.models import Conversation, Message, User
+from dialoop.store.trees import as_chat, path_to_root
+
+TRAINER_ROLES = ("trainer", "admin")  # who writes demonstrations and ranks; whose chats feed tasks
+
+
+@dataclass
+class PolicyHandle:
+    """A loaded policy: the model, its tokenizer and the `ModelVersion` id its replies are credited to."""
+
+    model: Any
+    tokenizer: Any
+    version_id: int
+
+
+def require_role(user: User, roles: Sequence[str], action: str) -> None:
+    """PermissionError unless `user` has one of `roles`."""
+    if user.role not in roles:
+        raise PermissionError(
+            f"user {user.name!r} ({user.role}) may not {action}: needs {' or '.join(roles)}"
+        )
+
+
+def require_owner(user: User, conversation: Conversation, action: str) -> None:
+    """PermissionError unless `user` owns `conversation`."""
+    if conversation.owner_id != user.id:
+        raise PermissionError(
+            f"user {user.name!r} may not {action}: conversation {conversation.id} is not theirs"
+        )
+
+
+def context_of(session: Session, message: Message) -> list[ChatMessage]:
+    """The chat from the root down to `message`, with the conversation's system prompt first."""
+    return as_chat(path_to_root(session, message), message.conversation.system_prompt)
+
+
+def sampling_record(params: SamplingParams) -> dict[str, Any]:
+    """The sampling parameters as stored on a model-written message."""
+    return dataclasses.asdict(params)
+
+
+def params_from_record(record: dict[str, Any]) -> SamplingParams:
+    """Sampling parameters back from `sampling_record` (unknown keys ignored, missing ones default)."""
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    return SamplingParams(**{k: v for k, v in record.items() if k in fields})
+
+
+def sample_for(
+    handle: PolicyHandle, contexts: list[list[ChatMessage]], params: Sequence[SamplingParams]
+) -> list[Reply]:
+    """One reply per context from `handle`'s model, each with its own sampling parameters."""
+    for p in params:
+        p.validate()
+    if not contexts:
+        return []
+    return generate_replies(handle.model, handle.tokenizer, contexts, list(params))

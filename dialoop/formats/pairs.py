@@ -1,0 +1,43 @@
+"""`pairs`: TRL's conversational preference format, `{"prompt": [...], "chosen": [...], "rejected": [...]}`.
+
+A pair is a ranking of two candidates; a K-way ranking is written as all its (better, worse) pairs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dialoop.formats.messages import assistant_turn, parse_prompt, parse_reply, require_object
+from dialoop.formats.records import RankingExample
+
+
+def ordered_pairs(example: RankingExample) -> list[tuple[int, int]]:
+    """Every (better, worse) pair of candidate indices in the ranking, best first, tied pairs left out;
+    none for an all-bad ranking (it carries no ordering signal)."""
+    if example.all_bad:
+        return []
+    tied = {frozenset(t) for t in example.ties}
+    order = example.ranking
+    return [
+        (order[a], order[b])
+        for a in range(len(order))
+        for b in range(a + 1, len(order))
+        if frozenset((order[a], order[b])) not in tied
+    ]
+
+
+def parse(value: Any) -> RankingExample:
+    obj = require_object(value, ("prompt", "chosen", "rejected"))
+    prompt = parse_prompt(obj["prompt"])
+    chosen, rejected = parse_reply(obj["chosen"], "chosen"), parse_reply(obj["rejected"], "rejected")
+    return RankingExample(prompt=prompt, completions=[chosen, rejected], ranking=[0, 1])
+
+
+def dump(example: RankingExample) -> list[dict[str, Any]]:
+    return [
+        {
+            "prompt": example.prompt,
+            "chosen": assistant_turn(example.completions[better]),
+            "rejected": assistant_turn(example.completions[worse]),
+        }
+        for better, worse in ordered_pairs(example)
+    ]

@@ -1,0 +1,143 @@
+"""The FastAPI app: the store, the generation worker, and one router per domain.
+
+    app = create_app(database_url="sqlite:///dialoop.db", model="path/to/hf-dir")
+    uvicorn.run(app)                      # or: dialoop serve --model DIR
+
+Adding a router: write `router = APIRouter(...)` in `dialoop/serve/<domain>.py`, get what it needs
+through the dependencies of `dialoop.serve.deps` (SessionDep, WorkerDep, RegistryDep, ...; access
+control as a dependency on the route), and add one `app.include_router(...)` line in
+`_include_routers` below. `app.state` holds `engine`, `registry`, `worker` and `serve_settings`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+import torch
+import uvicorn
+from fastapi import FastAPI
+from sqlalchemy import func, select
+
+from dialoop import __version__
+from dialoop.modeling.device import pick_device
+from dialoop.serve import auth, chat, keys_ui, openai_api, pages
+from dialoop.serve.deps import ServeSettings
+from dialoop.serve.models import ModelRegistry
+from dialoop.serve.worker import GenerationWorker
+from dialoop.settings import settings
+from dialoop.store.db import session_scope
+from dialoop.store.migrate import open_store
+from dialoop.store.models import User
+
+log = logging.getLogger(__name__)
+
+
+def _include_routers(app: FastAPI) -> None:
+    """Every router of the server; add yours here, one line each."""
+    app.include_router(openai_api.router)
+    app.include_router(pages.router)
+    app.include_router(auth.router)
+    app.include_router(chat.router)
+    app.include_router(keys_ui.router)
+    # keep last: answers unknown /v1 URLs in OpenAI's error shape
+    app.include_router(openai_api.fallback_router)
+
+
+def _serving_dtype(name: str) -> torch.dtype | None:
+    """The dtype models are served in; `auto` is bf16 on a GPU that has it, else fp32 (None)."""
+    if name == "auto":
+        device = pick_device()
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else None
+    dtype: torch.dtype = getattr(torch, name)
+    return dtype
+
+
+def create_app(
+    *,
+    database_url: str | None = None,
+    model: str | Path | None = None,
+    model_name: str | None = None,
+    serve_settings: ServeSettings | None = None,
+) -> FastAPI:
+    """The server app on the store at `database_url` (upgraded first; default: the settings' store).
+
+    `model` is a directory, a hub id or a registered version name to serve (default: the store's
+    served policy version, else the embedded default); `model_name` names it in `/v1/models`.
+    """
+    serve_settings = serve_settings or ServeSettings()
+    engine = open_store(database_url or settings().db_url)
+    registry = ModelRegistry.open(
+        engine,
+        model,
+        name=model_name,
+        max_loaded=serve_settings.max_loaded_models,
+        dtype=_serving_dtype(serve_settings.dtype),
+    )
+    worker = GenerationWorker(
+        registry,
+        max_queue=serve_settings.max_queue,
+        max_batch=serve_settings.max_batch,
+        batch_window_s=serve_settings.batch_window_ms / 1000,
+        default_max_tokens=serve_settings.default_max_tokens,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        with session_scope(engine) as session:
+            no_users = session.scalar(select(func.count()).select_from(User)) == 0
+        if no_users:
+            log.warning(
+                "The store has no users yet. Create the first admin with: dialoop users add NAME --role admin"
+            )
+        await worker.start(preload=serve_settings.preload)
+        log.info("serving model %s (%s)", registry.served, registry.base.path)
+        try:
+            yield
+        finally:
+            await worker.stop()
+            engine.dispose()
+
+    app = FastAPI(title="Dialoop", version=__version__, lifespan=lifespan)
+    app.state.engine = engine
+    app.state.registry = registry
+    app.state.worker = worker
+    app.state.serve_settings = serve_settings
+    openai_api.install_error_handlers(app)
+    pages.install_error_pages(app)
+    _include_routers(app)
+    return app
+
+
+@contextmanager
+def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run `app` on uvicorn in a thread (tests, benchmarks, the demo); yields its base URL.
+
+    Port 0 picks a free port. The server has started (model loaded) when the URL is yielded.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    config = uvicorn.Config(app, log_level="warning", log_config=None, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="dialoop-uvicorn", daemon=True
+    )
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the server failed to start (see the log)")
+            time.sleep(0.02)
+        bound = sock.getsockname()[1]
+        yield f"http://{f'[{host}]' if ':' in host else host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()

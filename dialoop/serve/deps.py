@@ -1,0 +1,133 @@
+"""Route dependencies shared by every router: the server's settings, DB sessions, the worker, API-key users.
+
+@router.get("/things")
+def things(session: SessionDep, worker: WorkerDep) -> ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated, Literal
+
+from fastapi import Depends, Header, Request
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from dialoop.serve.models import ModelRegistry
+from dialoop.serve.worker import GenerationWorker
+from dialoop.store.accounts import user_for_api_key
+from dialoop.store.db import session_scope
+from dialoop.store.models import User
+
+
+class ServeSettings(BaseSettings):
+    """Server limits and batching knobs; env vars `DIALOOP_SERVE_*` (e.g. DIALOOP_SERVE_MAX_QUEUE=128)."""
+
+    model_config = SettingsConfigDict(env_prefix="DIALOOP_SERVE_", extra="ignore")
+
+    max_queue: int = 64  # replies waiting to decode; beyond it requests get 429
+    max_batch: int = 16  # rows decoded together
+    batch_window_ms: float = 10.0  # how long the worker waits for more requests to batch together
+    max_loaded_models: int = 2  # model versions kept in memory at once
+    default_max_tokens: int = 512  # when a request gives no max_tokens (capped by the context)
+    max_tokens_limit: int = 4096  # a larger max_tokens is refused (422)
+    max_n: int = 8  # choices per request (422 beyond)
+    max_messages: int = 256  # messages per request (413 beyond)
+    max_message_chars: int = 32_000  # characters in one message (413 beyond)
+    max_stop: int = 4  # stop strings per request, as in OpenAI's API (422 beyond)
+    max_body_bytes: int = 2_000_000  # request body of /v1 calls (413 beyond)
+    preload: bool = True  # load the served model at startup rather than on the first request
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, else fp32
+
+
+class OpenAIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def get_engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """A session for this request: committed when the route returns, rolled back on an error.
+
+    Use `SessionDep` so that the commit happens before the response is sent (a failed commit is a 500,
+    never a success the client saw for data that was not saved).
+    """
+    with session_scope(request.app.state.engine) as session:
+        yield session
+
+
+def get_worker(request: Request) -> GenerationWorker:
+    worker: GenerationWorker = request.app.state.worker
+    return worker
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    registry: ModelRegistry = request.app.state.registry
+    return registry
+
+
+def get_serve_settings(request: Request) -> ServeSettings:
+    serve_settings: ServeSettings = request.app.state.serve_settings
+    return serve_settings
+
+
+def api_user(request: Request, authorization: Annotated[str | None, Header()] = None) -> User:
+    """The owner of the request's `Authorization: Bearer <API key>`; 401 in OpenAI's shape otherwise.
+
+    Uses its own short session, so that a long stream does not hold a database connection.
+    """
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise OpenAIError(
+            401,
+            "You didn't provide an API key. Send it as `Authorization: Bearer <key>`; "
+            "create one with `dialoop keys create USER` or on your account page.",
+        )
+    maker = sessionmaker(request.app.state.engine, expire_on_commit=False)
+    with maker() as session:
+        user = user_for_api_key(session, key.strip())
+        if user is None:
+            raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        session.expunge(user)
+    return user
+
+
+def api_admin(user: Annotated[User, Depends(api_user)]) -> User:
+    """An API-key user with the admin role; 403 otherwise."""
+    if user.role != "admin":
+        raise OpenAIError(403, "This call needs an admin's API key.", type="permission_error")
+    return user
+
+
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+WorkerDep = Annotated[GenerationWorker, Depends(get_worker)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+ServeSettingsDep = Annotated[ServeSettings, Depends(get_serve_settings)]
+ApiUserDep = Annotated[User, Depends(api_user)]
+ApiAdminDep = Annotated[User, Depends(api_admin)]

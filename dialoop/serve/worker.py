@@ -1,0 +1,526 @@
+"""The generation worker: one loop that batches concurrent requests and streams their tokens back.
+
+Requests wait in a bounded queue. The loop takes the oldest one, waits `batch_window_s` for others to
+arrive, and decodes every queued request for the same model in one `sample` call on a background
+thread; each row's new text reaches its asyncio consumer through `on_step` as soon as it is decoded.
+A consumer that goes away (client disconnect, stop button) cancels its rows at the next step.
+
+    gen = await worker.submit([{"role": "user", "content": "Hi"}], max_tokens=64)
+    async for event in gen.events():   # TextDelta(index, text) ..., then ChoiceEnd(index, finish_reason, ...)
+        ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from dialoop.formats.records import ChatMessage
+from dialoop.modeling.chat import encode_prompt
+from dialoop.modeling.generation import SamplingParams, sample
+from dialoop.serve.models import LoadedModel, ModelRegistry
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue` rows already; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ContextTooLong(ValueError):
+    """The prompt plus the requested tokens do not fit the model's context."""
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New text of choice `index`."""
+
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class ChoiceEnd:
+    """Choice `index` is over: `stop` (EOS or stop string), `length`, `cancelled` or `error`."""
+
+    index: int
+    finish_reason: str
+    completion_tokens: int
+    error: str | None = None
+
+
+Event = TextDelta | ChoiceEnd
+
+
+@dataclass
+class ChoiceResult:
+    index: int
+    text: str
+    finish_reason: str
+    completion_tokens: int
+    token_ids: list[int]
+
+
+@dataclass
+class WorkerStats:
+    """Counters for tests, benchmarks and the admin page."""
+
+    submitted: int = 0  # generations accepted
+    completed: int = 0  # generations whose every choice ended by stop or length
+    cancelled: int = 0  # generations cancelled before they finished
+    failed: int = 0
+    rejected: int = 0  # refused because the queue was full
+    batches: int = 0
+    rows_decoded: int = 0
+    tokens_generated: int = 0
+    largest_batch: int = 0
+    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=1000))
+    cancelled_ids: deque[str] = field(default_factory=lambda: deque(maxlen=1000))
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if not isinstance(v, deque)}
+        out["recent_batch_sizes"] = list(self.batch_sizes)[-20:]
+        return out
+
+
+class _Detokenizer:
+    """Incremental decoding that never emits half of a multi-byte character.
+
+    Decoding a short window before the new tokens, and holding text back while it ends in U+FFFD
+    (an incomplete UTF-8 sequence), keeps the concatenated deltas equal to decoding everything at once.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the window decoded for context
+        self.read = 0  # tokens before this have been emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self.prefix : self.read])
+        now = self._decode(self.ids[self.prefix :])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return now[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
+        before = self._decode(self.ids[self.prefix : self.read])
+        now = self._decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return now[len(before) :]
+
+
+class _Row:
+    """One choice of one generation while it decodes (touched only by the decoding thread)."""
+
+    def __init__(self, gen: Generation, index: int, params: SamplingParams, tokenizer: Any):
+        self.gen = gen
+        self.index = index
+        self.params = params
+        self.detok = _Detokenizer(tokenizer)
+        self.held = ""  # text not yet emitted because a stop string may start in it
+        self.token_ids: list[int] = []
+        self.ended = False
+
+    def emit(self, text: str) -> None:
+        if text:
+            self.gen._push(TextDelta(self.index, text))
+
+    def end(self, reason: str, error: str | None = None) -> None:
+        if not self.ended:
+            self.ended = True
+            self.gen._push(ChoiceEnd(self.index, reason, len(self.token_ids), error))
+
+    def feed(self, token_id: int, eos: set[int]) -> bool:
+        """Take one new token; True when this row is done (EOS, stop string, or its token budget)."""
+        self.token_ids.append(token_id)
+        if token_id in eos:
+            self.emit(self.held + self.detok.flush())
+            self.end("stop")
+            return True
+        text = self.held + self.detok.push(token_id)
+        stops = self.gen.stop
+        if stops:
+            hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+            if hits:
+                self.emit(text[: min(hits)])
+                self.end("stop")
+                return True
+            # a stop string shorter than L can only start in the last L-1 characters
+            keep = max(len(s) for s in stops) - 1
+            cut = max(len(text) - keep, 0)
+            self.emit(text[:cut])
+            self.held = text[cut:]
+        else:
+            self.emit(text)
+        if len(self.token_ids) >= self.params.max_new_tokens:
+            self.emit(self.held + self.detok.flush())
+            self.end("length")
+            return True
+        return False
+
+
+class Generation:
+    """One submitted request (`n` choices): stream it with `events()`, or await `result()`."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        lm: LoadedModel,
+        prompt_ids: list[int],
+        params: list[SamplingParams],
+        stop: Sequence[str],
+    ):
+        self.id = uuid.uuid4().hex
+        self.created = int(time.time())
+        self.model = lm.name
+        self.prompt_ids = prompt_ids
+        self.prompt_tokens = len(prompt_ids)
+        self.params = params
+        self.stop = [s for s in stop if s]
+        self.n = len(params)
+        self._lm = lm
+        self._loop = loop
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._ends: dict[int, ChoiceEnd] = {}
+        self._texts: list[list[str]] = [[] for _ in params]
+        self._rows: list[_Row] = []
+        self._consumed = False
+        self.cancelled = False  # read by the decoding thread; a plain bool is safe across threads
+        self.finished = asyncio.Event()
+        self._on_finished: Callable[[Generation], None] | None = None
+
+    def _push(self, event: Event) -> None:
+        """Called from the decoding thread."""
+        self._loop.call_soon_threadsafe(self._deliver, event)
+
+    def _deliver(self, event: Event) -> None:
+        if isinstance(event, TextDelta):
+            self._texts[event.index].append(event.text)
+        else:
+            self._ends[event.index] = event
+        self._queue.put_nowait(event)
+        if len(self._ends) == self.n and not self.finished.is_set():
+            if self._on_finished is not None:
+                self._on_finished(self)
+            self.finished.set()
+
+    def cancel(self) -> None:
+        """Stop decoding this generation's rows at the next step (no-op once finished)."""
+        if not self.finished.is_set():
+            self.cancelled = True
+
+    async def events(self) -> AsyncIterator[Event]:
+        """TextDeltas as they are decoded, then one ChoiceEnd per choice; leaving early cancels."""
+        if self._consumed:
+            raise RuntimeError("a generation's events can be read only once")
+        self._consumed = True
+        ended = 0
+        try:
+            while ended < self.n:
+                event = await self._queue.get()
+                if isinstance(event, ChoiceEnd):
+                    ended += 1
+                yield event
+        finally:
+            if ended < self.n:
+                self.cancel()
+
+    async def result(self) -> list[ChoiceResult]:
+        """Wait for every choice; cancelling the awaiting task cancels the generation."""
+        try:
+            await self.finished.wait()
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        return [
+            ChoiceResult(
+                index=i,
+                text="".join(self._texts[i]),
+                finish_reason=self._ends[i].finish_reason,
+                completion_tokens=self._ends[i].completion_tokens,
+                token_ids=list(self._rows[i].token_ids) if self._rows else [],
+            )
+            for i in range(self.n)
+        ]
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(e.completion_tokens for e in self._ends.values())
+
+
+class GenerationWorker:
+    """Batches queued generations per model and decodes them on one background thread."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        *,
+        max_queue: int = 64,
+        max_batch: int = 16,
+        batch_window_s: float = 0.01,
+        default_max_tokens: int = 512,
+    ):
+        if max_queue < 1 or max_batch < 1:
+            raise ValueError("max_queue and max_batch must be >= 1")
+        self.registry = registry
+        self.max_queue = max_queue
+        self.max_batch = max_batch
+        self.batch_window_s = batch_window_s
+        self.default_max_tokens = default_max_tokens
+        self.stats = WorkerStats()
+        self._pending: deque[Generation] = deque()
+        self._reserved = 0  # rows accepted but not yet decoding (queued, or loading their model)
+        self._running: list[Generation] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._seconds_per_batch = 1.0  # running estimate, for Retry-After
+
+    @property
+    def queued_rows(self) -> int:
+        return self._reserved
+
+    async def start(self, *, preload: bool = True) -> None:
+        """Start the loop; with `preload`, load the served model now rather than on the first request."""
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dialoop-generate")
+        self._task = asyncio.create_task(self._run(), name="dialoop-generation-worker")
+        if preload:
+            self.registry.release(await self.registry.acquire(None))
+
+    async def stop(self) -> None:
+        """Cancel whatever is queued or decoding, then stop the loop and its thread."""
+        for gen in list(self._pending) + list(self._running):
+            gen.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for gen in self._pending:
+            self._finish_unstarted(gen, "cancelled")
+        self._pending.clear()
+        if self._executor is not None:
+            # off the event loop, so that the decoding thread's last events can still be delivered
+            await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+    async def submit(
+        self,
+        messages: list[ChatMessage] | None = None,
+        *,
+        prompt_ids: Sequence[int] | None = None,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        n: int = 1,
+        stop: Sequence[str] = (),
+    ) -> Generation:
+        """Queue a generation of `n` choices for `messages` (chat template applied) or raw `prompt_ids`.
+
+        `model` is a version name (None: the served one). With no `max_tokens`, as many as fit the
+        context, up to `default_max_tokens`. Choice i uses seed `seed + i`. Raises QueueFull,
+        UnknownModel, ContextTooLong, ValueError.
+        """
+        if (messages is None) == (prompt_ids is None):
+            raise ValueError("give exactly one of messages and prompt_ids")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if n > self.max_batch:
+            raise ValueError(f"n must be at most {self.max_batch}, got {n}")
+        if self._task is None or self._task.done():
+            raise RuntimeError("the generation worker is not running")
+        if self._reserved + n > self.max_queue:
+            self.stats.rejected += 1
+            raise QueueFull(
+                f"The server is busy: {self._reserved} queued replies (limit {self.max_queue}); retry later",
+                retry_after=self._retry_after(),
+            )
+        self._reserved += n
+        queued = False
+        try:
+            lm = await self.registry.acquire(model)
+            try:
+                if prompt_ids is not None:
+                    ids = list(prompt_ids)
+                else:
+                    ids = encode_prompt(lm.tokenizer, messages or [])
+                budget = self._token_budget(lm, len(ids), max_tokens)
+                params = [
+                    SamplingParams(
+                        max_new_tokens=budget,
+                        temperature=temperature,
+                        top_p=top_p,
+                        seed=None if seed is None else seed + i,
+                    )
+                    for i in range(n)
+                ]
+                for p in params:
+                    p.validate()
+                gen = Generation(asyncio.get_running_loop(), lm, ids, params, stop)
+                gen._on_finished = self._settle
+            except BaseException:
+                self.registry.release(lm)
+                raise
+            self._pending.append(gen)
+            queued = True
+            self.stats.submitted += 1
+            self._wake.set()
+            return gen
+        finally:
+            if not queued:
+                self._reserved -= n
+
+    def cancel(self, generation_id: str) -> bool:
+        """Cancel a queued or decoding generation by id; False when there is none with that id."""
+        for gen in list(self._pending) + list(self._running):
+            if gen.id == generation_id:
+                gen.cancel()
+                return True
+        return False
+
+    def _token_budget(self, lm: LoadedModel, prompt_len: int, max_tokens: int | None) -> int:
+        if prompt_len == 0:
+            raise ValueError("the prompt is empty")
+        context = lm.context_length
+        if context is not None and prompt_len >= context:
+            raise ContextTooLong(
+                f"The prompt is {prompt_len} tokens; model `{lm.name}` has a context of {context} tokens"
+            )
+        if max_tokens is None:
+            room = context - prompt_len if context is not None else self.default_max_tokens
+            return min(self.default_max_tokens, room)
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if context is not None and prompt_len + max_tokens > context:
+            raise ContextTooLong(
+                f"The prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                f"context of model `{lm.name}` ({context} tokens)"
+            )
+        return max_tokens
+
+    def _retry_after(self) -> int:
+        waiting_batches = self._reserved / self.max_batch + 1
+        return max(1, math.ceil(waiting_batches * self._seconds_per_batch))
+
+    def _take_batch(self) -> list[Generation]:
+        """The oldest queued generation and the other queued ones for its model, up to max_batch rows."""
+        first = self._pending[0]
+        batch: list[Generation] = []
+        rows = 0
+        rest: deque[Generation] = deque()
+        while self._pending:
+            gen = self._pending.popleft()
+            if gen.cancelled:
+                self._reserved -= gen.n
+                self._finish_unstarted(gen, "cancelled")
+            elif gen._lm is first._lm and rows + gen.n <= self.max_batch:
+                batch.append(gen)
+                rows += gen.n
+                self._reserved -= gen.n
+            else:
+                rest.append(gen)
+        self._pending = rest
+        return batch
+
+    def _finish_unstarted(self, gen: Generation, reason: str) -> None:
+        for i in range(gen.n):
+            gen._deliver(ChoiceEnd(i, reason, 0))
+
+    def _settle(self, gen: Generation) -> None:
+        """Count the outcome of a generation whose choices have all ended, and give back its model."""
+        reasons = {e.finish_reason for e in gen._ends.values()}
+        if "error" in reasons:
+            self.stats.failed += 1
+        elif "cancelled" in reasons:
+            self.stats.cancelled += 1
+            self.stats.cancelled_ids.append(gen.id)
+            log.info("generation %s cancelled after %d tokens", gen.id, gen.completion_tokens)
+        else:
+            self.stats.completed += 1
+        self.registry.release(gen._lm)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            if not self._pending:
+                self._wake.clear()
+                continue
+            # requests that arrive together decode together
+            await asyncio.sleep(self.batch_window_s)
+            batch = self._take_batch()
+            if not batch:
+                continue
+            self._running = batch
+            started = time.monotonic()
+            try:
+                await loop.run_in_executor(self._executor, self._decode, batch)
+            finally:
+                self._running = []
+            self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * (time.monotonic() - started)
+
+    def _decode(self, batch: list[Generation]) -> None:
+        """Decode one batch (on the worker thread), pushing events as tokens arrive."""
+        lm = batch[0]._lm
+        rows = [_Row(gen, i, p, lm.tokenizer) for gen in batch for i, p in enumerate(gen.params)]
+        for gen in batch:
+            gen._rows = [r for r in rows if r.gen is gen]
+        eos = set(lm.eos_token_ids)
+        self.stats.batches += 1
+        self.stats.rows_decoded += len(rows)
+        self.stats.batch_sizes.append(len(rows))
+        self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
+
+        def on_step(step: list[int | None]) -> list[int]:
+            cut = []
+            for r, token in enumerate(step):
+                row = rows[r]
+                if token is None or row.ended:
+                    continue
+                self.stats.tokens_generated += 1
+                if row.gen.cancelled:
+                    row.token_ids.append(token)
+                    row.end("cancelled")
+                    cut.append(r)
+                elif row.feed(token, eos):
+                    cut.append(r)
+            return cut
+
+        try:
+            sample(
+                lm.model,
+                [gen.prompt_ids for gen in batch for _ in gen.params],
+                [row.params for row in rows],
+                eos_token_ids=lm.eos_token_ids,
+                pad_token_id=lm.pad_token_id,
+                on_step=on_step,
+            )
+        except Exception as exc:
+            log.exception("generation failed for batch of %d rows", len(rows))
+            for row in rows:
+                row.end("error", f"generation failed: {exc}")
+        for row in rows:
+            # rows the sampler never stepped (cancelled before their first token) end here
+            row.end("cancelled" if row.gen.cancelled else "error", "generation ended without a result")

@@ -1,0 +1,356 @@
+"""Shared training infrastructure of the three stages (SFT, reward model, PPO).
+
+API for a stage (`sft.py` is the complete example):
+- `TrainConfig`: base config dataclass; subclass it, every field has a default and `metadata={"help": ...}`.
+  `dialoop.cli.train.config_command(ConfigCls)` turns such a dataclass into typer options (`--key value`).
+- `make_accelerator(config, gradient_accumulation_steps=None) -> Accelerator`: one process by default,
+  DDP/FSDP/DeepSpeed under `accelerate launch`; bf16 autocast when `resolve_precision(config.precision)`
+  says so (fp32 master weights). `accumulation_steps(config, num_processes)`.
+- `seed_everything(seed)`; `prepare_run_dir(config, stage) -> Path` (refuses to overwrite without --resume).
+- `global_batch_indices(num_examples, batch_size, seed, step)`, `process_share(indices, accelerator)`:
+  the data order is a pure function of (seed, step), so resuming at a step resumes the data order exactly.
+- `NonFiniteGuard`, `optimizer_step(...)`: a non-finite loss or gradient skips the update (all processes
+  agree); 5 in a row raise `NonFiniteLossError`.
+- `dialoop.train.checkpoint.CheckpointManager(run_dir, accelerator)`: atomic `save(state)` / `load_latest()`
+  of model, optimizer, registered objects (scheduler), RNG states of every process and a `TrainState`.
+- `dialoop.train.metrics.MetricsLogger(run_dir, ...)`: metrics.jsonl + TensorBoard + rich progress bar.
+- `dialoop.train.loop.fit(...)`: the supervised loop (SFT, RM) built from the pieces above.
+- `load_causal_lm_for_training(path)`, `load_training_tokenizer(path)`, `save_model(accelerator, model,
+  tokenizer, out_dir)`: model I/O; `dialoop.train.data.load_chat_examples/load_ranking_examples`: datasets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator, PartialState
+
+from dialoop.train.config import PRECISIONS, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "train_config.json"
+SUMMARY_FILE = "metrics.json"  # written when a run finishes: its final figures
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when too many consecutive steps had a NaN or inf loss."""
+
+
+@dataclass
+class TrainState:
+    """Counters saved in every checkpoint; `step` is the number of optimizer steps taken (or skipped)."""
+
+    step: int = 0
+    skipped_steps: int = 0
+    nonfinite_streak: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainState:
+        return cls(**data)
+
+
+# --- precision, accelerator, seeding ----------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """True when oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device | None = None) -> str:
+    """`auto` -> `bf16` on CUDA with bf16 or a CPU with native bf16, else `fp32`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+
+
+def accumulation_steps(config: TrainConfig, num_processes: int) -> int:
+    """Micro-batches per process per optimizer step; the global batch must split evenly over processes."""
+    if config.batch_size % num_processes:
+        raise ValueError(f"batch_size {config.batch_size} does not split over {num_processes} processes")
+    return math.ceil(config.batch_size // num_processes / config.micro_batch_size)
+
+
+def make_accelerator(config: TrainConfig, *, gradient_accumulation_steps: int | None = None) -> Accelerator:
+    """The run's Accelerator: bf16 autocast over fp32 weights when the precision resolves to bf16."""
+    if config.num_threads > 0:
+        torch.set_num_threads(config.num_threads)
+    partial = PartialState()
+    steps = gradient_accumulation_steps or accumulation_steps(config, partial.num_processes)
+    precision = resolve_precision(config.precision, partial.device)
+    accelerator = Accelerator(
+        mixed_precision="bf16" if precision == "bf16" else "no", gradient_accumulation_steps=steps
+    )
+    logger.info(
+        "accelerator: %d process(es) on %s, precision %s, %d micro-batch(es) per step",
+        accelerator.num_processes,
+        accelerator.device,
+        precision,
+        steps,
+    )
+    return accelerator
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (every device) with one seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+# --- run directory -----------------------------------------------------------------------------
+
+
+def prepare_run_dir(config: TrainConfig, stage: str, accelerator: Accelerator) -> Path:
+    """Create (or, with --resume, reuse) the run dir, and write the config there on the main process."""
+    if config.out is None:
+        if config.resume:
+            raise ValueError("--resume needs --out (the run directory to continue)")
+        from datetime import datetime
+
+        from dialoop.settings import settings
+
+        config.out = settings().home / "runs" / f"{stage}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = Path(config.out)
+    if accelerator.is_main_process:
+        if config.resume and (run_dir / SUMMARY_FILE).exists():
+            raise FileExistsError(f"{run_dir} holds a finished run ({SUMMARY_FILE}): nothing to resume")
+        if run_dir.exists() and any(run_dir.iterdir()) and not config.resume:
+            raise FileExistsError(
+                f"{run_dir} is not empty: pass --resume to continue that run, or choose another --out"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / CONFIG_FILE, {"stage": stage, **config.to_json()})
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temp file in the same dir, fsync, rename: readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; run files are meant to be read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- data order ----------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=4)
+def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(num_examples, generator=gen).tolist())
+
+
+def global_batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Example indices of optimizer step `step`: consecutive slices of a fresh permutation per epoch."""
+    if num_examples < 1:
+        raise ValueError("no training examples")
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(pos, num_examples)
+        out.append(_epoch_permutation(num_examples, seed, epoch)[offset])
+    return out
+
+
+def total_steps(config: TrainConfig, num_examples: int) -> int:
+    """Optimizer steps of the run: --max-steps, or enough global batches to cover --epochs."""
+    if config.max_steps > 0:
+        return config.max_steps
+    return max(1, math.ceil(config.epochs * num_examples / config.batch_size))
+
+
+def process_share(indices: Sequence[int], accelerator: Accelerator) -> list[int]:
+    """This process's contiguous slice of a global batch (the batch size is a multiple of the processes)."""
+    n = accelerator.num_processes
+    per = len(indices) // n
+    return list(indices[accelerator.process_index * per : (accelerator.process_index + 1) * per])
+
+
+def chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
+    """Consecutive slices of at most `size` items."""
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+# --- the optimizer step with its NaN/inf guard --------------------------------------------------
+
+
+@dataclass
+class NonFiniteGuard:
+    """Counts steps skipped for a non-finite loss or gradient; too many in a row stop the run."""
+
+    max_consecutive: int = 5
+
+    def update(self, state: TrainState, finite: bool) -> None:
+        if finite:
+            state.nonfinite_streak = 0
+            return
+        state.skipped_steps += 1
+        state.nonfinite_streak += 1
+        logger.warning("step %d: non-finite loss or gradient, update skipped", state.step + 1)
+        if state.nonfinite_streak >= self.max_consecutive:
+            raise NonFiniteLossError(
+                f"{state.nonfinite_streak} consecutive steps had a NaN or inf loss (last: step {state.step + 1}); "
+                "stopping. Lower the learning rate, use --precision fp32, or check the data."
+            )
+
+
+def all_finite(accelerator: Accelerator, local_finite: bool) -> bool:
+    """True when the value is finite on every process (one all-reduce)."""
+    flag = torch.tensor([0.0 if local_finite else 1.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() == 0)
+
+
+def optimizer_step(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    *,
+    loss_finite: bool,
+    max_grad_norm: float,
+    state: TrainState,
+    guard: NonFiniteGuard,
+) -> float | None:
+    """Clip, step and zero the gradients, unless the loss or the gradient is non-finite on any process.
+
+    Returns the gradient norm before clipping (None when the step was skipped). Advances `state.step`.
+    """
+    finite = all_finite(accelerator, loss_finite)
+    grad_norm: float | None = None
+    if finite:
+        # an infinite max norm measures without clipping
+        norm = accelerator.clip_grad_norm_(
+            model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf
+        )
+        grad_norm = float(norm)
+        finite = math.isfinite(grad_norm)
+    guard.update(state, finite)
+    if finite:
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return grad_norm if finite else None
+
+
+# --- models --------------------------------------------------------------------------------------
+
+
+def resolve_base_model(path_or_id: str | Path | None) -> str:
+    """A model dir or hub id; None means the embedded default (converted on first use)."""
+    try:
+        from dialoop.modeling import resolve_model  # type: ignore[attr-defined]
+    except ImportError:
+        resolve_model = None
+    if resolve_model is not None:
+        return str(resolve_model(path_or_id))
+    if path_or_id is None:
+        raise RuntimeError(
+            "the embedded default model is not available (dialoop.modeling.resolve_model missing)"
+        )
+    return str(path_or_id)
+
+
+def load_training_tokenizer(path: str | Path) -> Any:
+    """The tokenizer of a model, through dialoop.modeling when it can (EOS/pad rules)."""
+    try:
+        from dialoop.modeling import load_tokenizer  # type: ignore[attr-defined]
+    except ImportError:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    return load_tokenizer(path)
+
+
+def load_causal_lm_for_training(path: str | Path) -> torch.nn.Module:
+    """A causal LM in fp32 (the master weights), dropout as configured, on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0 (RLHF and reward models train without dropout)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if config is not None and isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+
+
+def save_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> None:
+    """Write a standard HF dir (fp32 weights, tokenizer, chat template) into `out_dir`; call on every process.
+
+    The files are written to a temp dir first and then moved in, so a crash never leaves half a weight file;
+    other files of `out_dir` (metrics, config of the run) stay.
+    """
+    from accelerate.utils import DistributedType
+
+    from dialoop.modeling.loading import ensure_special_tokens, save_model_dir
+
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    state_dict = accelerator.get_state_dict(model) if sharded else None  # a collective under FSDP/ZeRO
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".final-"))
+        try:
+            if sharded:
+                ensure_special_tokens(unwrapped, tokenizer)
+                unwrapped.save_pretrained(tmp / "model", state_dict=state_dict)
+                tokenizer.save_pretrained(tmp / "model")
+            else:
+                save_model_dir(unwrapped, tokenizer, tmp / "model")
+            # config.json last: a dir with a config but no weights never appears
+            for path in sorted((tmp / "model").iterdir(), key=lambda p: p.name == "config.json"):
+                path.chmod(0o644)
+                os.replace(path, out_dir / path.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("model written to %s", out_dir)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,150 @@
+"""The supervised training loop shared by SFT and the reward model.
+
+A stage gives a list of examples, `loss_fn(model, examples) -> (loss_sum, metric_sums)` and
+`weight_fn(example) -> float` (its share of the normaliser: target tokens for SFT, 1 per ranking for the RM).
+The loss of a step is sum(loss_sum) / sum(weight) over the whole global batch, whatever the number of
+processes or micro-batches, so 1 process and N processes follow the same curve.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from accelerate import Accelerator
+from transformers import get_cosine_schedule_with_warmup
+
+from dialoop.train.checkpoint import CheckpointManager
+from dialoop.train.common import (
+    NonFiniteGuard,
+    TrainConfig,
+    TrainState,
+    chunks,
+    global_batch_indices,
+    optimizer_step,
+    process_share,
+    total_steps,
+)
+from dialoop.train.metrics import MetricsLogger
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+LossFn = Callable[[torch.nn.Module, list[T]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def make_optimizer(
+    config: TrainConfig, model: torch.nn.Module, num_steps: int
+) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW (no decay on biases and norms) and a cosine schedule with linear warm-up over `num_steps`."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+    )
+    warmup = round(config.warmup_ratio * num_steps)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, num_warmup_steps=warmup, num_training_steps=num_steps
+    )
+    return optimizer, scheduler
+
+
+def fit(
+    config: TrainConfig,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    examples: Sequence[T],
+    *,
+    loss_fn: LossFn[T],
+    weight_fn: Callable[[T], float],
+    run_dir: Path,
+    description: str,
+) -> tuple[torch.nn.Module, TrainState]:
+    """Train `model` on `examples` (from the latest checkpoint with --resume); returns the prepared model."""
+    if not examples:
+        raise ValueError("no training examples")
+    weights = [float(weight_fn(e)) for e in examples]
+    if any(w <= 0 for w in weights):
+        raise ValueError("every training example must carry weight (filter out examples with no target)")
+    num_steps = total_steps(config, len(examples))
+    optimizer, scheduler = make_optimizer(config, model, num_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # the scheduler is not prepared (accelerate would step it once per process); it is checkpointed as is
+    accelerator.register_for_checkpointing(scheduler)
+    checkpoints = CheckpointManager(run_dir, accelerator, keep=config.keep_checkpoints)
+    state = (checkpoints.load_latest() if config.resume else None) or TrainState()
+    guard = NonFiniteGuard()
+    n_micro = accelerator.gradient_accumulation_steps
+    scale = accelerator.num_processes * n_micro  # undoes accelerate's 1/n_micro and DDP's mean over processes
+
+    with MetricsLogger(
+        run_dir,
+        total_steps=num_steps,
+        start_step=state.step,
+        description=description,
+        enabled=accelerator.is_main_process,
+        progress=config.progress,
+    ) as metrics_log:
+        while state.step < num_steps:
+            started = time.perf_counter()
+            indices = global_batch_indices(len(examples), config.batch_size, config.seed, state.step)
+            norm = sum(weights[i] for i in indices)
+            micro_batches = list(chunks(process_share(indices, accelerator), config.micro_batch_size))
+            if len(micro_batches) != n_micro:
+                raise RuntimeError(f"{len(micro_batches)} micro-batches for {n_micro} accumulation steps")
+            model.train()
+            finite = True
+            totals: dict[str, torch.Tensor] = {}
+            for batch in micro_batches:
+                with accelerator.accumulate(model):
+                    loss_sum, extra = loss_fn(model, [examples[i] for i in batch])
+                    accelerator.backward(loss_sum * (scale / norm))
+                finite = finite and bool(torch.isfinite(loss_sum.detach()).item())
+                for key, value in {"loss": loss_sum, **extra}.items():
+                    totals[key] = totals.get(key, 0) + value.detach().float()
+            lr = float(scheduler.get_last_lr()[0])
+            grad_norm = optimizer_step(
+                accelerator,
+                model,
+                optimizer,
+                scheduler,
+                loss_finite=finite,
+                max_grad_norm=config.max_grad_norm,
+                state=state,
+                guard=guard,
+            )
+            keys = sorted(totals)
+            reduced = (
+                accelerator.reduce(torch.stack([totals[k].reshape(()) for k in keys]), reduction="sum") / norm
+            )
+            if state.step % config.log_every == 0 or state.step == num_steps:
+                step_metrics: dict[str, float | int | None] = {
+                    k: float(v) for k, v in zip(keys, reduced, strict=True)
+                }
+                step_metrics |= {
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "skipped_steps": state.skipped_steps,
+                    "step_seconds": round(time.perf_counter() - started, 4),
+                }
+                metrics_log.log(state.step, step_metrics)
+            metrics_log.advance(state.step)
+            periodic = config.checkpoint_every > 0 and state.step % config.checkpoint_every == 0
+            if (periodic and state.step < num_steps) or (
+                state.step == num_steps and config.keep_final_checkpoint
+            ):
+                checkpoints.save(state)
+    return model, state
+
+
+def finish_checkpoints(config: TrainConfig, run_dir: Path, accelerator: Accelerator) -> None:
+    """Drop the run's checkpoints once its model is written, unless --keep-final-checkpoint."""
+    if not config.keep_final_checkpoint:
+        CheckpointManager(run_dir, accelerator).remove_all()

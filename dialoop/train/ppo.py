@@ -1,0 +1,805 @@
+"""PPO from human feedback (InstructGPT): the SFT policy learns to please the reward model, with a KL leash.
+
+    dialoop train ppo --reward-model runs/rm --model runs/sft --out runs/ppo      # prompts from the store
+    dialoop train ppo --reward-model runs/rm --prompts prompts.txt --out runs/ppo
+    accelerate launch --num_processes 2 --cpu -m dialoop.cli train ppo ...        # DDP, same curve
+
+Each step: sample one reply per prompt from the policy (seeded per row), score prompt + reply with the frozen
+reward model (a fixed score for replies without EOS) and the frozen reference (= the SFT model), turn that
+into per-token rewards -beta * KL + score at the last token, estimate advantages with GAE against the value
+model (initialised from the reward model), and take `ppo_epochs` passes of clipped policy and value updates.
+Making the experience lives in `rollout.py`, the math in `ppo_math.py`; this file reads top to bottom:
+config, data, models, the step, the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor
+
+from dialoop.formats.records import ChatExample, ChatMessage
+from dialoop.modeling.chat import encode_prompt, eos_token_ids, pad_token_id
+from dialoop.modeling.generation import SamplingParams, sample
+from dialoop.modeling.heads import load_reward_model, reward_model_from_lm
+from dialoop.modeling.loading import load_causal_lm
+from dialoop.train.checkpoint import CheckpointManager
+from dialoop.train.common import (
+    NonFiniteGuard,
+    TrainState,
+    disable_dropout,
+    global_batch_indices,
+    load_training_tokenizer,
+    make_accelerator,
+    optimizer_step,
+    prepare_run_dir,
+    process_share,
+    resolve_base_model,
+    resolve_precision,
+    save_model,
+    seed_everything,
+    total_steps,
+    write_json_atomic,
+)
+from dialoop.train.config import TrainConfig
+from dialoop.train.loop import make_optimizer
+from dialoop.train.metrics import MetricsLogger
+from dialoop.train.ppo_math import (
+    KLController,
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+    gae_advantages,
+    kl_shaped_rewards,
+    masked_moments,
+    masked_sum,
+    masked_whiten,
+    token_logprobs,
+)
+from dialoop.train.rollout import (
+    Experience,
+    RewardFn,
+    apply_missing_eos_score,
+    concat_columns,
+    function_scores,
+    in_chunks,
+    pack_rollouts,
+    response_logits,
+    response_logprobs,
+    response_values,
+    reward_model_scores,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """PPO (`dialoop train ppo`): `--model` is the SFT policy (and the reference), `--reward-model` the RM."""
+
+    reward_model: str | None = field(
+        default=None, metadata={"help": "Reward model dir (written by `dialoop train rm`); required."}
+    )
+    value_model: str | None = field(
+        default=None, metadata={"help": "Initial value model (default: the reward model)."}
+    )
+    prompts: Path | None = field(
+        default=None, metadata={"help": "Plain-text prompts, one user turn per line (instead of --data)."}
+    )
+    lr: float = field(default=3e-6, metadata={"help": "Peak learning rate of policy and value (AdamW)."})
+    batch_size: int = field(default=16, metadata={"help": "Prompts (episodes) per PPO step, all processes."})
+    mini_batch_size: int = field(
+        default=16, metadata={"help": "Episodes per optimizer update (batch / mini-batch updates per epoch)."}
+    )
+    micro_batch_size: int = field(
+        default=16, metadata={"help": "Sequences per forward pass in one process (accumulation)."}
+    )
+    ppo_epochs: int = field(default=2, metadata={"help": "Passes over each batch of rollouts."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Longest reply sampled, in tokens."})
+    max_length: int = field(
+        default=640, metadata={"help": "Longest prompt + reply in tokens (longer prompts are left out)."}
+    )
+    temperature: float = field(
+        default=0.7, metadata={"help": "Sampling temperature (log-probs use the same temperature)."}
+    )
+    beta: float = field(default=0.02, metadata={"help": "KL coefficient (initial value when adaptive)."})
+    kl_target: float | None = field(
+        default=None, metadata={"help": "Per-reply KL target of the adaptive controller; unset: fixed beta."}
+    )
+    kl_horizon: int = field(
+        default=10000, metadata={"help": "Horizon (episodes) of the adaptive KL controller."}
+    )
+    gamma: float = field(default=1.0, metadata={"help": "Discount of GAE."})
+    lam: float = field(default=0.95, metadata={"help": "Lambda of GAE."})
+    clip_range: float = field(default=0.2, metadata={"help": "Clip range of the policy ratio."})
+    clip_range_value: float = field(default=0.2, metadata={"help": "Clip range of the value update."})
+    value_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages per batch."})
+    no_eos_score: float | None = field(
+        default=-1.0, metadata={"help": "Score of replies cut without EOS; unset: keep the RM's score."}
+    )
+    ptx_coef: float = field(
+        default=0.0, metadata={"help": "PPO-ptx: weight of the SFT loss on demonstrations; 0: off."}
+    )
+    ptx_data: Path | None = field(
+        default=None, metadata={"help": "Demonstrations for PPO-ptx (default: the store's)."}
+    )
+    ptx_format: str = field(default="messages", metadata={"help": "Format of --ptx-data."})
+    ptx_batch_size: int = field(
+        default=4, metadata={"help": "Demonstrations per optimizer update for PPO-ptx, all processes."}
+    )
+    ema_decay: float = field(
+        default=0.0, metadata={"help": "Keep an EMA of the policy weights and write it at the end; 0: off."}
+    )
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank of policy and value (0: full fine-tuning)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_target: str = field(
+        default="all-linear", metadata={"help": "Modules LoRA adapts (comma-separated names or all-linear)."}
+    )
+    checkpoint_every: int = field(
+        default=20, metadata={"help": "Write a checkpoint every N PPO steps; 0: never."}
+    )
+    warmup_ratio: float = field(
+        default=0.0, metadata={"help": "Fraction of the updates with a linear warm-up."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prompts is not None:
+            if self.data is not None:
+                raise ValueError("give --prompts or --data, not both")
+            self.prompts = Path(self.prompts)
+        if self.ptx_data is not None:
+            self.ptx_data = Path(self.ptx_data)
+        for name in ("mini_batch_size", "ppo_epochs", "max_new_tokens", "ptx_batch_size", "kl_horizon"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of mini_batch_size {self.mini_batch_size}"
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for PPO (it samples), got {self.temperature}")
+        if self.max_new_tokens >= self.max_length:
+            raise ValueError(
+                f"max_new_tokens {self.max_new_tokens} leaves no room for a prompt in {self.max_length}"
+            )
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.kl_target is not None and self.kl_target <= 0:
+            raise ValueError(f"kl_target must be > 0, got {self.kl_target}")
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+def prompts_of_chats(chats: Sequence[Sequence[ChatMessage]]) -> list[list[ChatMessage]]:
+    """Every prefix of each conversation that ends with a user turn, without duplicates, in order."""
+    seen: set[tuple[tuple[str, str], ...]] = set()
+    out: list[list[ChatMessage]] = []
+    for chat in chats:
+        for end, message in enumerate(chat, start=1):
+            if message["role"] != "user":
+                continue
+            prefix = [dict(m) for m in chat[:end]]
+            key = tuple((m["role"], m["content"]) for m in prefix)
+            if key not in seen:
+                seen.add(key)
+                out.append(prefix)
+    return out
+
+
+def read_prompt_lines(path: Path) -> list[list[ChatMessage]]:
+    """One single-turn prompt per non-empty line of a plain-text file."""
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    prompts = [[{"role": "user", "content": line}] for line in lines if line]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (one per line expected)")
+    return prompts
+
+
+def _store_chats() -> list[list[ChatMessage]]:
+    """Demonstrations, chats and comparison contexts of the store, through `dialoop.formats`."""
+    from dialoop.formats import chat_examples_from_store, ranking_examples_from_store
+    from dialoop.settings import settings
+    from dialoop.store.db import session_scope
+    from dialoop.store.migrate import open_store
+
+    engine = open_store(settings().db_url)
+    try:
+        with session_scope(engine) as session:
+            chats = [e.messages for e in chat_examples_from_store(session, kinds=("demonstration", "chat"))]
+            chats += [e.prompt for e in ranking_examples_from_store(session)]
+    finally:
+        engine.dispose()
+    return chats
+
+
+def load_prompts(config: PPOConfig) -> list[list[ChatMessage]]:
+    """The run's prompts: `--prompts` lines, user turns of `--data` (any import format), or the store's."""
+    if config.prompts is not None:
+        return read_prompt_lines(config.prompts)
+    if config.data is not None:
+        from dialoop.formats import get_format, read_chat_examples, read_ranking_examples
+        from dialoop.formats.registry import RankingFormat
+
+        assert config.format is not None  # checked by TrainConfig
+        if isinstance(get_format(config.format), RankingFormat):
+            chats = [e.prompt for e in read_ranking_examples(config.data, config.format)]
+        else:
+            chats = [e.messages for e in read_chat_examples(config.data, config.format)]
+        where = str(config.data)
+    else:
+        chats, where = _store_chats(), "the store"
+    prompts = prompts_of_chats(chats)
+    if not prompts:
+        raise ValueError(f"no user turns to use as prompts in {where}")
+    return prompts
+
+
+def load_demonstrations(config: PPOConfig) -> list[ChatExample]:
+    """Demonstrations for PPO-ptx: `--ptx-data`, else the store's."""
+    from dialoop.train.data import load_chat_examples
+
+    return load_chat_examples(config.ptx_data, config.ptx_format if config.ptx_data else None)
+
+
+def encode_prompts(
+    tokenizer: Any, prompts: Sequence[list[ChatMessage]], max_prompt_tokens: int
+) -> list[list[int]]:
+    """Token ids of each prompt through the chat template; prompts longer than the limit are left out."""
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    kept = [x for x in ids if len(x) <= max_prompt_tokens]
+    if len(kept) < len(ids):
+        logger.warning("%d prompt(s) longer than %d tokens left out", len(ids) - len(kept), max_prompt_tokens)
+    if not kept:
+        raise ValueError(f"every prompt is longer than {max_prompt_tokens} tokens (raise --max-length)")
+    return kept
+
+
+# --- models ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class PPOModels:
+    """The four roles. `ref` None: the policy with its LoRA adapters disabled; `reward` None: the value model
+    with its adapters disabled (LoRA keeps one copy of each backbone)."""
+
+    policy: torch.nn.Module  # trained, fp32 master weights
+    value: torch.nn.Module  # trained, one-label sequence classifier read at every position
+    ref: torch.nn.Module | None  # frozen, in the compute dtype
+    reward: torch.nn.Module | RewardFn | None  # frozen model in the compute dtype, or a function
+
+
+def compute_dtype(accelerator: Accelerator) -> torch.dtype:
+    """bf16 when the run is mixed precision, else fp32."""
+    return torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode, no dropout, no gradients."""
+    disable_dropout(model)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _lora(model: torch.nn.Module, config: PPOConfig, head: str | None) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    names = config.lora_target
+    target = names if names == "all-linear" else [t.strip() for t in names.split(",") if t.strip()]
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=0.0,  # dropout off in every model: log-probs must not be noisy
+        target_modules=target,
+        modules_to_save=[head] if head else None,
+    )
+    return get_peft_model(model, lora)  # type: ignore[arg-type]
+
+
+def load_ppo_models(
+    config: PPOConfig, tokenizer: Any, accelerator: Accelerator, reward_fn: RewardFn | None = None
+) -> PPOModels:
+    """Policy and reference from `--model` (the SFT model), value and reward from `--reward-model`."""
+    policy_source = resolve_base_model(config.model)
+    frozen_dtype = compute_dtype(accelerator)
+    device = accelerator.device
+    if reward_fn is None and config.reward_model is None:
+        raise ValueError("PPO needs --reward-model (a directory written by `dialoop train rm`)")
+    policy: torch.nn.Module = load_causal_lm(
+        policy_source, dtype=torch.float32, device=device, tokenizer=tokenizer
+    )
+    value_source = config.value_model or config.reward_model
+    value: torch.nn.Module
+    if value_source is not None:
+        value = load_reward_model(value_source, dtype=torch.float32, device=device)
+    else:  # a programmatic reward and no value model: a fresh head on the policy's backbone
+        value = reward_model_from_lm(policy_source, dtype=torch.float32, device=device, tokenizer=tokenizer)
+    for trained in (policy, value):
+        disable_dropout(trained)
+        trained.train()
+        if config.gradient_checkpointing:
+            trained.gradient_checkpointing_enable()  # type: ignore[operator]
+    if config.lora_r > 0:
+        policy = _lora(policy, config, None)
+        if reward_fn is None and config.value_model is None:
+            # the value starts as the reward model, so the RM is the value model with its adapters disabled
+            return PPOModels(policy=policy, value=_lora(value, config, "score"), ref=None, reward=None)
+        value = _lora(value, config, "score")
+        ref: torch.nn.Module | None = None
+    else:
+        ref = freeze(load_causal_lm(policy_source, dtype=frozen_dtype, device=device, tokenizer=tokenizer))
+    reward: torch.nn.Module | RewardFn
+    if reward_fn is not None:
+        reward = reward_fn
+    else:
+        assert config.reward_model is not None
+        reward = freeze(load_reward_model(config.reward_model, dtype=frozen_dtype, device=device))
+    return PPOModels(policy=policy, value=value, ref=ref, reward=reward)
+
+
+class ActorCritic(torch.nn.Module):
+    """Policy and value under one module, so accelerate wraps (DDP), clips and checkpoints them together."""
+
+    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value = value
+
+    def forward(
+        self, exp: Experience, temperature: float, ptx_batch: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """Reply log-probs, values and entropy of a batch; the PPO-ptx loss sum when given demonstrations."""
+        logits = response_logits(self.policy, exp)
+        out = {
+            "logprobs": token_logprobs(logits, exp.response_ids, temperature) * exp.response_mask,
+            "values": response_values(self.value, exp),
+        }
+        with torch.no_grad():
+            out["entropy"] = entropy_from_logits(logits, temperature)
+        if ptx_batch is not None:
+            from dialoop.train.sft import causal_lm_loss
+
+            out["ptx_loss_sum"], _ = causal_lm_loss(self.policy, ptx_batch)
+        return out
+
+
+class PolicyEMA:
+    """Exponential moving average of the policy's trainable weights (kept in fp32)."""
+
+    def __init__(self, policy: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.params = {n: p.detach().float().clone() for n, p in policy.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, policy: torch.nn.Module) -> None:
+        for name, param in policy.named_parameters():
+            if name in self.params:
+                self.params[name].lerp_(param.detach().float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, policy: torch.nn.Module) -> None:
+        for name, param in policy.named_parameters():
+            if name in self.params:
+                param.copy_(self.params[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "params": self.params}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.decay = state["decay"]
+        self.params = state["params"]
+
+
+def row_seed(seed: int, step: int, row: int) -> int:
+    """The sampling seed of one rollout: a function of (run seed, step, row of the global batch) only, so
+    rollouts do not depend on the number of processes and a resumed run samples what the first would have."""
+    return (seed * 1_000_003 + step * 10_007 + row) % 2**62
+
+
+# --- the trainer -----------------------------------------------------------------------------------
+
+
+class PPOTrainer:
+    """One PPO run's state: `step()` makes one batch of experience and learns from it."""
+
+    def __init__(
+        self,
+        config: PPOConfig,
+        accelerator: Accelerator,
+        models: PPOModels,
+        tokenizer: Any,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        demonstrations: Sequence[ChatExample] = (),
+        num_steps: int | None = None,
+    ) -> None:
+        n_proc = accelerator.num_processes
+        for name in ("batch_size", "mini_batch_size"):
+            if getattr(config, name) % n_proc:
+                raise ValueError(f"{name} {getattr(config, name)} does not split over {n_proc} processes")
+        if not prompt_ids:
+            raise ValueError("no prompts")
+        self.config = config
+        self.accelerator = accelerator
+        self.tokenizer = tokenizer
+        self.prompt_ids = [list(p) for p in prompt_ids]
+        self.num_steps = num_steps or total_steps(config, len(self.prompt_ids))
+        self.eos_ids = eos_token_ids(models.policy, tokenizer)
+        self.pad_id = pad_token_id(tokenizer)
+        self.ref, self.reward = models.ref, models.reward
+        self.kl_ctl = KLController(beta=config.beta, target=config.kl_target, horizon=config.kl_horizon)
+        self.local_batch = config.batch_size // n_proc
+        self.local_mini = config.mini_batch_size // n_proc
+        # one mini-batch in one forward pass: that first forward's log-probs and values are the "old" ones,
+        # so the rollout needs no separate policy and value passes
+        self.fused_old = self.local_mini == self.local_batch and config.micro_batch_size >= self.local_batch
+        self.ptx_rows = self._ptx_rows(demonstrations) if config.ptx_coef > 0 else []
+
+        updates = self.num_steps * config.ppo_epochs * (config.batch_size // config.mini_batch_size)
+        actor_critic = ActorCritic(models.policy, models.value)
+        optimizer, self.scheduler = make_optimizer(config, actor_critic, updates)
+        self.model, self.optimizer = accelerator.prepare(actor_critic, optimizer)
+        accelerator.register_for_checkpointing(self.scheduler)
+        self.ema = PolicyEMA(self.policy, config.ema_decay) if config.ema_decay > 0 else None
+        if self.ema is not None:
+            accelerator.register_for_checkpointing(self.ema)
+        self.sampler = self._make_sampler()
+        self.state = TrainState()
+        self.updates = TrainState()  # optimizer updates: the NaN guard counts these
+        self.guard = NonFiniteGuard()
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model).policy
+
+    @property
+    def value(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model).value
+
+    def _ptx_rows(self, demonstrations: Sequence[ChatExample]) -> list[Any]:
+        from dialoop.train.sft import tokenize_chat
+
+        rows = [
+            tokenize_chat(self.tokenizer, d.messages, max_length=self.config.max_length)
+            for d in demonstrations
+        ]
+        rows = [r for r in rows if r.num_targets > 0]
+        if not rows:
+            raise ValueError(
+                "--ptx-coef > 0 needs demonstrations with assistant turns (--ptx-data, or the store's)"
+            )
+        return rows
+
+    def _make_sampler(self) -> torch.nn.Module | None:
+        """A frozen compute-dtype copy of a fully trained policy for sampling (None: sample from the policy).
+
+        Sampling through autocast would re-cast every weight at every token; the copy is refreshed after
+        each update instead.
+        """
+        if self.config.lora_r > 0 or compute_dtype(self.accelerator) == torch.float32:
+            return None
+        sampler = freeze(copy.deepcopy(self.policy).to(compute_dtype(self.accelerator)))
+        return sampler
+
+    @torch.no_grad()
+    def _sync_sampler(self) -> None:
+        if self.sampler is not None:
+            for dst, src in zip(self.sampler.parameters(), self.policy.parameters(), strict=True):
+                dst.copy_(src)
+
+    # --- resume ---
+
+    def resume(self, checkpoints: CheckpointManager) -> None:
+        """Continue from the latest checkpoint, when there is one."""
+        state = checkpoints.load_latest()
+        if state is None:
+            return
+        self.state = state
+        self.kl_ctl.beta = float(state.extra.get("beta", self.config.beta))
+        self.updates = TrainState.from_json(state.extra.get("updates", TrainState().to_json()))
+        self._sync_sampler()
+
+    def save(self, checkpoints: CheckpointManager) -> None:
+        self.state.extra = {"beta": self.kl_ctl.beta, "updates": self.updates.to_json()}
+        checkpoints.save(self.state)
+
+    # --- one step ---
+
+    def step(self) -> dict[str, float]:
+        """Sample, score and learn from one batch of prompts; returns the step's metrics."""
+        config, acc = self.config, self.accelerator
+        step = self.state.step
+        t0 = time.perf_counter()
+        rows = process_share(
+            global_batch_indices(len(self.prompt_ids), config.batch_size, config.seed, step), acc
+        )
+        first_row = acc.process_index * self.local_batch
+        prompts = [self.prompt_ids[i] for i in rows]
+        params = [
+            SamplingParams(
+                config.max_new_tokens, config.temperature, seed=row_seed(config.seed, step, first_row + j)
+            )
+            for j in range(len(rows))
+        ]
+        # the sampler copy is already in the compute dtype; the policy itself samples under autocast
+        with acc.autocast() if self.sampler is None else nullcontext():
+            sampler = self.sampler if self.sampler is not None else self.policy
+            completions = sample(
+                sampler, prompts, params, eos_token_ids=self.eos_ids, pad_token_id=self.pad_id
+            )
+        exp = pack_rollouts(prompts, completions, self.pad_id, acc.device)
+        t1 = time.perf_counter()
+        self._score(exp)
+        t2 = time.perf_counter()
+        stats = self._learn(exp)
+        t3 = time.perf_counter()
+
+        mean_kl = stats.pop("kl")
+        self.kl_ctl.update(mean_kl, config.batch_size)
+        self._sync_sampler()
+        self.state.step += 1
+        reply_len = exp.response_mask.sum(1)
+        local = torch.stack(
+            [reply_len.mean(), exp.finished.float().mean(), exp.raw_scores.mean(), exp.scores.mean()]  # type: ignore[union-attr]
+        )
+        reply_length, eos_fraction, score_raw, score = (float(x) for x in acc.reduce(local, "mean"))
+        return {
+            "score": score,
+            "score_raw": score_raw,
+            "kl": mean_kl,
+            "beta": self.kl_ctl.beta,
+            **stats,
+            "reply_length": reply_length,
+            "eos_fraction": eos_fraction,
+            "lr": float(self.scheduler.get_last_lr()[0]),
+            "skipped_updates": self.updates.skipped_steps,
+            "sec_generation": round(t1 - t0, 4),
+            "sec_scoring": round(t2 - t1, 4),
+            "sec_learning": round(t3 - t2, 4),
+        }
+
+    @torch.no_grad()
+    def _score(self, exp: Experience) -> None:
+        """Reward scores and reference log-probs (and, unless fused, old log-probs and values)."""
+        config, acc = self.config, self.accelerator
+        chunks = in_chunks(exp, config.micro_batch_size)
+        width = exp.response_ids.shape[1]
+        # frozen models are stored in the compute dtype; LoRA views and the fp32 policy need autocast
+        if isinstance(self.reward, torch.nn.Module):
+            raw = torch.cat([reward_model_scores(self.reward, c) for c in chunks])
+        elif self.reward is None:
+            with acc.autocast(), self.value.disable_adapter():  # type: ignore[operator]
+                raw = torch.cat([reward_model_scores(self.value, c) for c in chunks])
+        else:
+            raw = function_scores(self.reward, exp)
+        exp.raw_scores = raw.float()
+        exp.scores = apply_missing_eos_score(exp.raw_scores, exp.finished, config.no_eos_score)
+        if self.ref is None:
+            with acc.autocast(), self.policy.disable_adapter():  # type: ignore[operator]
+                ref = [response_logprobs(self.policy, c, config.temperature) for c in chunks]
+        else:
+            ref = [response_logprobs(self.ref, c, config.temperature) for c in chunks]
+        exp.ref_logprobs = concat_columns(ref, width)
+        if not self.fused_old:
+            model = acc.unwrap_model(self.model)
+            with acc.autocast():
+                outs = [model(c, config.temperature) for c in chunks]
+            exp.old_logprobs = concat_columns([o["logprobs"] for o in outs], width)
+            exp.old_values = concat_columns([o["values"] for o in outs], width)
+            self._advantages(exp)
+
+    @torch.no_grad()
+    def _advantages(self, exp: Experience) -> None:
+        """KL-shaped rewards, GAE, and advantages whitened over the global batch."""
+        assert exp.old_logprobs is not None and exp.ref_logprobs is not None and exp.old_values is not None
+        assert exp.scores is not None
+        config, acc = self.config, self.accelerator
+        mask = exp.response_mask
+        rewards, _ = kl_shaped_rewards(exp.old_logprobs, exp.ref_logprobs, exp.scores, mask, self.kl_ctl.beta)
+        advantages, exp.returns = gae_advantages(rewards, exp.old_values, mask, config.gamma, config.lam)
+        if config.whiten_advantages:
+            # whitened over the global batch, so N processes compute what one process would
+            advantages = masked_whiten(advantages, mask, acc.reduce(masked_moments(advantages, mask), "sum"))
+        exp.advantages = advantages
+
+    def _learn(self, exp: Experience) -> dict[str, float]:
+        """`ppo_epochs` passes of clipped policy + value updates over shuffled mini-batches."""
+        config, acc = self.config, self.accelerator
+        n_proc = acc.num_processes
+        totals: dict[str, Tensor] = {}
+        n_updates = 0
+        self.model.train()
+        gen = torch.Generator().manual_seed(row_seed(config.seed, self.state.step, 0) + acc.process_index)
+        for epoch in range(config.ppo_epochs):
+            order = torch.randperm(len(exp), generator=gen).tolist()
+            minis = [order[i : i + self.local_mini] for i in range(0, len(order), self.local_mini)]
+            counts = acc.reduce(torch.stack([exp.response_mask[m].sum() for m in minis]), "sum")
+            for mini, n_tokens in zip(minis, counts, strict=True):
+                micros = [
+                    mini[i : i + config.micro_batch_size]
+                    for i in range(0, len(mini), config.micro_batch_size)
+                ]
+                finite = True
+                for k, micro in enumerate(micros):
+                    last = k == len(micros) - 1
+                    ptx = self._ptx_batch(n_updates) if last and self.ptx_rows else None
+                    # gradients are exchanged once per update, after its last micro-batch
+                    with acc.no_sync(self.model) if not last else nullcontext():
+                        loss, stats = self._micro_loss(exp, micro, epoch, n_tokens, ptx)
+                        acc.backward(loss * n_proc)  # DDP averages gradients over processes
+                    finite = finite and bool(torch.isfinite(loss.detach()))
+                    for key, value in stats.items():
+                        totals[key] = totals.get(key, torch.zeros(())) + value.detach().float().cpu()
+                optimizer_step(
+                    acc,
+                    self.model,
+                    self.optimizer,
+                    self.scheduler,
+                    loss_finite=finite,
+                    max_grad_norm=config.max_grad_norm,
+                    state=self.updates,
+                    guard=self.guard,
+                )
+                if self.ema is not None:
+                    self.ema.update(self.policy)
+                n_updates += 1
+        keys = sorted(totals)
+        reduced = acc.reduce(torch.stack([totals[k] for k in keys]).to(acc.device), "sum")
+        out = {k: float(v) for k, v in zip(keys, reduced, strict=True)}
+        per_update = {"policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl", "ptx_loss"}
+        result = {k: out[k] / n_updates for k in keys if k in per_update}
+        result["entropy"] = out["entropy_sum"] / out["tokens_epoch0"]
+        result["kl"] = out["kl_sum"] / config.batch_size
+        return result
+
+    def _micro_loss(
+        self, exp: Experience, rows: list[int], epoch: int, n_tokens: Tensor, ptx: dict[str, Tensor] | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        config = self.config
+        # fused: the micro-batch is the whole local batch, whose row order does not matter
+        part = exp if self.fused_old else exp.rows(rows)
+        out = self.model(part, config.temperature, ptx)
+        if self.fused_old and epoch == 0:
+            exp.old_logprobs = out["logprobs"].detach()
+            exp.old_values = out["values"].detach()
+            self._advantages(exp)
+        assert part.old_logprobs is not None and part.old_values is not None
+        assert part.advantages is not None and part.returns is not None
+        mask = part.response_mask
+        pg_loss, clip_frac, approx_kl = clipped_policy_loss(
+            out["logprobs"], part.old_logprobs, part.advantages, mask, config.clip_range, num_tokens=n_tokens
+        )
+        vf_loss, vf_clip_frac = clipped_value_loss(
+            out["values"], part.old_values, part.returns, mask, config.clip_range_value, num_tokens=n_tokens
+        )
+        loss = pg_loss + config.value_coef * vf_loss
+        stats = {
+            "policy_loss": pg_loss,
+            "value_loss": vf_loss,
+            "clip_frac": clip_frac,
+            "value_clip_frac": vf_clip_frac,
+            "approx_kl": approx_kl,
+        }
+        if ptx is not None:
+            n_ptx = self.accelerator.reduce(ptx["target"][:, 1:].sum().float(), "sum")
+            ptx_loss = out["ptx_loss_sum"] / n_ptx
+            loss = loss + config.ptx_coef * ptx_loss
+            stats["ptx_loss"] = ptx_loss
+        if epoch == 0:
+            assert part.ref_logprobs is not None
+            stats["entropy_sum"] = masked_sum(out["entropy"], mask)
+            stats["tokens_epoch0"] = mask.sum()
+            stats["kl_sum"] = masked_sum(part.old_logprobs - part.ref_logprobs, mask)
+        return loss, stats
+
+    def _ptx_batch(self, update: int) -> dict[str, Tensor]:
+        from dialoop.train.sft import collate
+
+        config, acc = self.config, self.accelerator
+        n_local = max(1, config.ptx_batch_size // acc.num_processes)
+        indices = global_batch_indices(
+            len(self.ptx_rows), n_local * acc.num_processes, config.seed + 1, self.updates.step
+        )
+        mine = indices[acc.process_index * n_local : (acc.process_index + 1) * n_local]
+        return collate([self.ptx_rows[i] for i in mine], self.pad_id, acc.device)
+
+    def final_policy(self) -> torch.nn.Module:
+        """The policy to publish: EMA weights when enabled, LoRA merged into the base weights."""
+        policy = self.policy
+        if self.ema is not None:
+            self.ema.copy_to(policy)
+        if self.config.lora_r > 0:
+            policy = policy.merge_and_unload()  # type: ignore[operator]
+        return policy
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+def train_ppo(
+    config: PPOConfig,
+    prompts: Sequence[list[ChatMessage]] | None = None,
+    *,
+    reward_fn: RewardFn | None = None,
+    demonstrations: Sequence[ChatExample] | None = None,
+) -> Path:
+    """Run PPO on `prompts` (default: `load_prompts(config)`) and write the final policy as an HF dir to the
+    run dir (`config.out`); `reward_fn` replaces the reward model (tests, simulations)."""
+    accelerator = make_accelerator(config, gradient_accumulation_steps=1)
+    run_dir = prepare_run_dir(config, "ppo", accelerator)
+    seed_everything(config.seed)
+    tokenizer = load_training_tokenizer(resolve_base_model(config.model))
+    prompt_ids = encode_prompts(
+        tokenizer,
+        prompts if prompts is not None else load_prompts(config),
+        config.max_length - config.max_new_tokens,
+    )
+    if config.ptx_coef > 0 and demonstrations is None:
+        demonstrations = load_demonstrations(config)
+    models = load_ppo_models(config, tokenizer, accelerator, reward_fn)
+    trainer = PPOTrainer(
+        config, accelerator, models, tokenizer, prompt_ids, demonstrations=demonstrations or ()
+    )
+    checkpoints = CheckpointManager(run_dir, accelerator, keep=config.keep_checkpoints)
+    if config.resume:
+        trainer.resume(checkpoints)
+    logger.info(
+        "PPO: %d prompts, %d steps of %d episodes, precision %s",
+        len(prompt_ids),
+        trainer.num_steps,
+        config.batch_size,
+        resolve_precision(config.precision, accelerator.device),
+    )
+    metrics: dict[str, float] = {}
+    with MetricsLogger(
+        run_dir,
+        total_steps=trainer.num_steps,
+        start_step=trainer.state.step,
+        description="PPO",
+        enabled=accelerator.is_main_process,
+        progress=config.progress,
+    ) as metrics_log:
+        while trainer.state.step < trainer.num_steps:
+            metrics = trainer.step()
+            step = trainer.state.step
+            if step % config.log_every == 0 or step == trainer.num_steps:
+                metrics_log.log(step, metrics)
+            metrics_log.advance(step)
+            if (
+                config.checkpoint_every > 0
+                and step % config.checkpoint_every == 0
+                and step < trainer.num_steps
+            ):
+                trainer.save(checkpoints)
+        if config.keep_final_checkpoint:
+            trainer.save(checkpoints)
+    save_model(accelerator, trainer.final_policy(), tokenizer, run_dir)
+    if accelerator.is_main_process:
+        write_json_atomic(
+            run_dir / "metrics.json",
+            {
+                "stage": "ppo",
+                "steps": trainer.state.step,
+                "skipped_updates": trainer.updates.skipped_steps,
+                "prompts": len(prompt_ids),
+                "final": {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)},
+            },
+        )
+    if not config.keep_final_checkpoint:
+        checkpoints.remove_all()
+    return run_dir
