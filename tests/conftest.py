@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import uuid
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from sqlalchemy import Engine, create_engine, text
 from dialoop import settings as settings_mod
 from dialoop.store.db import make_engine
 from dialoop.store.migrate import upgrade
+from dialoop.store.models import Base
 
 torch.set_num_threads(1)
 
@@ -50,43 +50,59 @@ def dialoop_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     settings_mod.configure()
 
 
-class _PgTemplate:
-    """One database per test session, upgraded once; each test clones it (fast) and drops its clone."""
+class _PgDatabase:
+    """One fresh database per test session; each test gets it migrated and leaves it truncated."""
 
     def __init__(self) -> None:
         self.admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        self.template = f"dialoop_tmpl_{uuid.uuid4().hex[:8]}"
-        self.counter = itertools.count()
+        self.name = f"dialoop_test_{uuid.uuid4().hex[:8]}"
         with self.admin.connect() as c:
-            c.execute(text(f'CREATE DATABASE "{self.template}"'))
-        upgrade(self.url(self.template))
-        make_engine(self.url(self.template)).dispose()
+            c.execute(text(f'CREATE DATABASE "{self.name}"'))
+        self.url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{self.name}"
+        self.engine = create_engine(self.url)
 
-    def url(self, name: str) -> str:
-        return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-
-    def clone(self) -> str:
-        name = f"{self.template}_{next(self.counter)}"
-        with self.admin.connect() as c:
-            c.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"'))
-        return name
-
-    def drop(self, name: str) -> None:
-        with self.admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    def reset(self) -> None:
+        """Bring the schema to head (a test may have downgraded it) and empty every table."""
+        upgrade(self.url)
+        tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+        with self.engine.begin() as c:
+            c.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
 
     def close(self) -> None:
-        self.drop(self.template)
+        self.engine.dispose()
+        with self.admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
         self.admin.dispose()
 
 
 @pytest.fixture(scope="session")
-def pg_template() -> Iterator[_PgTemplate]:
+def pg_database() -> Iterator[_PgDatabase]:
     if not PG_AVAILABLE:
         pytest.skip(f"no PostgreSQL server answers at {PG_ADMIN_URL}: PostgreSQL store tests skipped")
-    tmpl = _PgTemplate()
-    yield tmpl
-    tmpl.close()
+    db = _PgDatabase()
+    yield db
+    db.close()
+
+
+@pytest.fixture(scope="session")
+def pg_database_2() -> Iterator[_PgDatabase]:
+    if not PG_AVAILABLE:
+        pytest.skip(f"no PostgreSQL server answers at {PG_ADMIN_URL}: PostgreSQL store tests skipped")
+    db = _PgDatabase()
+    yield db
+    db.close()
+
+
+@pytest.fixture
+def second_db_url(db_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """Another empty store of the same kind as `db_url`'s (e.g. to import an export into)."""
+    if db_url.startswith("sqlite"):
+        url = f"sqlite:///{tmp_path / 'second.db'}"
+        upgrade(url)
+        return url
+    db: _PgDatabase = request.getfixturevalue("pg_database_2")
+    db.reset()
+    return db.url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -97,10 +113,9 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         upgrade(url)
         yield url
         return
-    tmpl: _PgTemplate = request.getfixturevalue("pg_template")
-    name = tmpl.clone()
-    yield tmpl.url(name)
-    tmpl.drop(name)
+    db: _PgDatabase = request.getfixturevalue("pg_database")
+    db.reset()
+    yield db.url
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ operations (stream, stop, regenerate, edit, feedback), server-side cancellation 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -11,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import func, select
-from webclient import ACCOUNTS, Live, WebClient, live_web_server
+from webclient import ACCOUNTS, PASSWORD, Live, WebClient, live_web_server, make_web_app
 
 from dialoop.store import ComparisonTask, Conversation, Feedback, Message, session_scope
 from dialoop.store.accounts import get_user
@@ -211,6 +213,49 @@ def test_deleting_a_chat_used_by_comparison_tasks_hides_it_and_keeps_the_data(li
     with session_scope(live.app.state.engine) as session:
         conv = session.get(Conversation, ids["cid"])
         assert conv is not None and conv.status == "deleted" and len(conv.messages) == 3
+
+
+def test_chat_tree_feedback_and_delete_on_sqlite_and_postgresql(db_url: str, tiny_model_dir: Path) -> None:
+    """The store side of the chat routes (no generation) on both databases."""
+    app = make_web_app(db_url, tiny_model_dir)
+    try:
+        client = TestClient(app, follow_redirects=False)
+        csrf = re.search(r'name="csrf-token" content="([^"]+)"', client.get("/login").text)
+        assert csrf
+        login = {"name": "alice", "password": PASSWORD, "csrf_token": csrf.group(1)}
+        assert client.post("/login", data=login).status_code == 303
+        page = client.get("/chat", headers={"Accept": "text/html"}).text
+        found = re.search(r'name="csrf-token" content="([^"]+)"', page)
+        assert found
+        headers = {"X-CSRF-Token": found.group(1)}
+        live = Live("", app)
+        ids = seed_chat(live, "alice")
+        base = "/api/chat/conversations/{cid}".format(**ids)
+        assert (
+            client.put(
+                f"{base}/messages/{ids['aid']}/feedback", json={"value": 1}, headers=headers
+            ).status_code
+            == 200
+        )
+        body = {"other_id": ids["aid"]}
+        assert (
+            client.post(f"{base}/messages/{ids['aid2']}/preference", json=body, headers=headers).status_code
+            == 200
+        )
+        tree = client.get(base).json()
+        assert [(m["id"], m["parent_id"], m["thumbs"]) for m in tree["messages"]] == [
+            (ids["uid"], None, 0),
+            (ids["aid"], ids["uid"], 1),
+            (ids["aid2"], ids["uid"], 0),
+        ]
+        assert client.patch(base, json={"title": "Kept"}, headers=headers).json()["title"] == "Kept"
+        assert client.delete(base, headers=headers).status_code == 204
+        with session_scope(app.state.engine) as session:
+            assert session.get(Conversation, ids["cid"]) is None
+            assert session.scalar(select(func.count()).select_from(Message)) == 0
+            assert session.scalar(select(func.count()).select_from(Feedback)) == 0
+    finally:
+        app.state.engine.dispose()
 
 
 def test_reply_is_generated_from_the_branch_and_the_system_prompt(live: Live) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from dialoop.collect import (
@@ -33,7 +33,7 @@ from dialoop.collect.agreement import pair_agreement, tie_groups
 from dialoop.modeling.generation import SamplingParams
 from dialoop.modeling.loading import load_model_and_tokenizer
 from dialoop.store.db import session_scope
-from dialoop.store.models import Candidate, ComparisonTask, Message, User
+from dialoop.store.models import ComparisonTask, Message, User
 from dialoop.store.registry import register_model_version
 from dialoop.store.trees import siblings
 
@@ -300,13 +300,38 @@ def test_pairwise_agreement_between_trainers(session: Session, handle: PolicyHan
     assert ann.id not in report.trainers
 
 
-def test_candidates_keep_their_index_after_reload(
-    engine: Engine, handle: PolicyHandle, session: Session
-) -> None:
-    task = _task(session, handle, _user(session, "ann"))
+def test_display_order_survives_a_reload(engine: Engine, handle: PolicyHandle, session: Session) -> None:
+    task, bob = _task(session, handle, _user(session, "ann")), _user(session, "bob")
+    shown = [c.message_id for c in display_order(task, bob)]
     session.commit()
     with session_scope(engine) as other:
-        stored = other.scalars(
-            select(Candidate).where(Candidate.task_id == task.id).order_by(Candidate.index)
-        )
-        assert [c.index for c in stored] == [0, 1, 2, 3]
+        stored = other.get_one(ComparisonTask, task.id)
+        assert [c.message_id for c in display_order(stored, other.get_one(User, bob.id))] == shown
+        assert [c.index for c in stored.candidates] == [0, 1, 2, 3]
+
+
+def test_greedy_originals_get_sampled_alternatives(session: Session, handle: PolicyHandle) -> None:
+    ann = _user(session, "ann")
+    asked = add_user_turn(session, start_chat(session, ann), ann, "Hi?")
+    chat_reply(session, handle, asked, SamplingParams(max_new_tokens=4, temperature=0))
+    task = create_comparison_task(session, handle, rng=random.Random(0))
+    assert task is not None
+    assert {c.message.sampling["temperature"] for c in task.candidates if not c.is_original} == {1.0}
+
+
+def test_collection_counts(session: Session, handle: PolicyHandle) -> None:
+    from dialoop.collect import add_turn, collection_counts, create_demonstration, submit_demonstration
+
+    ann = _user(session, "ann")
+    create_demonstration(session, ann)
+    demo = create_demonstration(session, ann)
+    add_turn(session, demo, ann, "user", "Hi")
+    add_turn(session, demo, ann, "assistant", "Hello")
+    submit_demonstration(session, demo, ann)
+    _task(session, handle, ann)
+    assert collection_counts(session) == {
+        "demonstrations_draft": 1,
+        "demonstrations_submitted": 1,
+        "chats": 1,
+        "tasks_open": 1,
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,12 @@ import pytest
 from dialoop.formats import (
     FormatError,
     RankingExample,
+    hh_rlhf,
     read_chat_examples,
     read_ranking_examples,
     snapshot_hash,
 )
-from dialoop.formats import hh_rlhf
-from dialoop.formats.jsonl import dumps, parse_lines, write_lines
+from dialoop.formats.jsonl import NotRepresentable, dumps, parse_lines, write_lines
 from dialoop.formats.oasst import ranks_from_rankings
 from dialoop.formats.pairs import ordered_pairs
 from dialoop.formats.registry import get_format
@@ -45,12 +46,24 @@ A = {"role": "assistant", "content": "a"}
         ("pairs", json.dumps({"prompt": [A], "chosen": [A], "rejected": [A]}), "end with a user message"),
         ("pairs", json.dumps({"prompt": [U], "chosen": [A, A], "rejected": [A]}), "exactly one assistant"),
         ("pairs", json.dumps({"prompt": [U], "chosen": [U], "rejected": [A]}), "must be 'assistant'"),
-        ("pairs", json.dumps({"prompt": "q", "chosen": [A], "rejected": [A]}), "prompt must be a non-empty list"),
+        (
+            "pairs",
+            json.dumps({"prompt": "q", "chosen": [A], "rejected": [A]}),
+            "prompt must be a non-empty list",
+        ),
         ("pairs", json.dumps({"prompt": [U], "chosen": [A]}), "missing key 'rejected'"),
         ("rankings", json.dumps({"prompt": [U], "completions": [[A]], "ranking": [0]}), "at least 2"),
-        ("rankings", json.dumps({"prompt": [U], "completions": [[A], [A]], "ranking": [0, 2]}), "index from 0 to 1"),
+        (
+            "rankings",
+            json.dumps({"prompt": [U], "completions": [[A], [A]], "ranking": [0, 2]}),
+            "index from 0 to 1",
+        ),
         ("rankings", json.dumps({"prompt": [U], "completions": [[A], [A]], "ranking": [1, 1]}), "twice"),
-        ("rankings", json.dumps({"prompt": [U], "completions": [[A], [A]], "ranking": [0]}), "at least 2 completions"),
+        (
+            "rankings",
+            json.dumps({"prompt": [U], "completions": [[A], [A]], "ranking": [0]}),
+            "at least 2 completions",
+        ),
         ("rankings", json.dumps({"prompt": [U], "completions": [[A], [A]], "ranking": [0, True]}), "index"),
         (
             "rankings",
@@ -58,10 +71,16 @@ A = {"role": "assistant", "content": "a"}
             "two different",
         ),
         ("hh-rlhf", json.dumps({"chosen": "Human: hi", "rejected": "x"}), "must start with"),
-        ("hh-rlhf", json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": 5}), "rejected must be a string"),
         (
             "hh-rlhf",
-            json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: z\n\nAssistant: b"}),
+            json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": 5}),
+            "rejected must be a string",
+        ),
+        (
+            "hh-rlhf",
+            json.dumps(
+                {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: z\n\nAssistant: b"}
+            ),
             "first Human turn",
         ),
         (
@@ -69,14 +88,24 @@ A = {"role": "assistant", "content": "a"}
             json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a"}),
             "rejected must continue",
         ),
-        ("oasst", json.dumps({"prompt": {"message_id": "x", "text": "t", "role": "assistant"}}), "'prompter'"),
+        (
+            "oasst",
+            json.dumps({"prompt": {"message_id": "x", "text": "t", "role": "assistant"}}),
+            "'prompter'",
+        ),
         ("oasst", json.dumps({"prompt": {"message_id": "x", "text": "t", "role": "bot"}}), "prompt.role"),
         (
             "oasst",
-            json.dumps({"prompt": {"message_id": "x", "text": "t", "role": "prompter", "replies": [{"text": "r"}]}}),
+            json.dumps(
+                {"prompt": {"message_id": "x", "text": "t", "role": "prompter", "replies": [{"text": "r"}]}}
+            ),
             r"prompt.replies\[0\].message_id",
         ),
-        ("oasst", json.dumps({"prompt": {"message_id": "x", "text": "t", "role": "prompter", "rank": "1"}}), "rank"),
+        (
+            "oasst",
+            json.dumps({"prompt": {"message_id": "x", "text": "t", "role": "prompter", "rank": "1"}}),
+            "rank",
+        ),
     ],
 )
 def test_a_bad_line_is_named_with_its_reason(tmp_path: Path, fmt: str, line: str, reason: str) -> None:
@@ -120,12 +149,12 @@ def test_write_lines_is_deterministic_and_atomic(tmp_path: Path) -> None:
         dumps(r) + "\n" for r in rows
     )
 
-    def failing() -> object:
+    def failing() -> Iterator[dict[str, int]]:
         yield {"ok": 1}
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        write_lines(tmp_path / "one.jsonl.gz", failing())  # type: ignore[arg-type]
+        write_lines(tmp_path / "one.jsonl.gz", failing())
     assert (tmp_path / "one.jsonl.gz").read_bytes() == (tmp_path / "two.jsonl.gz").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jsonl.gz", "two.jsonl.gz"]
 
@@ -143,6 +172,15 @@ def test_hh_rlhf_context_is_the_common_turns_and_replies_are_verbatim() -> None:
     assert differ_early.completions == ["Okay.\n\nAssistant: Here you go.", "No."]
     for line, example in zip(lines, (plain, empty_reply, differ_early), strict=True):
         assert hh_rlhf.dump(example) == [line]  # byte for byte
+
+
+def test_hh_rlhf_cannot_express_system_messages() -> None:
+    system = {"role": "system", "content": "Be brief."}
+    with pytest.raises(NotRepresentable):
+        hh_rlhf.dump(RankingExample(prompt=[system, U], completions=["a", "b"], ranking=[0, 1]))
+    assert hh_rlhf.dump(RankingExample(prompt=[U], completions=["a", "b"], ranking=[1, 0])) == [
+        {"chosen": "\n\nHuman: q\n\nAssistant: b", "rejected": "\n\nHuman: q\n\nAssistant: a"}
+    ]
 
 
 def test_ordered_pairs_expand_a_ranking_and_leave_out_ties() -> None:

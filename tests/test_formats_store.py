@@ -6,13 +6,16 @@ import gzip
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select
 
 from dialoop.formats import (
     FORMATS,
+    ExportResult,
     FormatError,
+    ImportResult,
     chat_examples_from_store,
     export_file,
     import_file,
@@ -29,7 +32,6 @@ from dialoop.store import (
     make_engine,
     session_scope,
 )
-from dialoop.store.migrate import upgrade
 from dialoop.store.stats import store_stats
 from dialoop.store.trees import add_message, children
 
@@ -44,29 +46,19 @@ FIXTURES = {
 
 
 @pytest.fixture
-def fresh_engine(db_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Engine]:
+def fresh_engine(second_db_url: str) -> Iterator[Engine]:
     """A second empty store of the same kind as `engine`'s, to import an export into."""
-    if db_url.startswith("sqlite"):
-        url = f"sqlite:///{tmp_path / 'fresh.db'}"
-        upgrade(url)
-        engine = make_engine(url)
-        yield engine
-        engine.dispose()
-        return
-    template = request.getfixturevalue("pg_template")
-    name = template.clone()
-    engine = make_engine(template.url(name))
+    engine = make_engine(second_db_url)
     yield engine
     engine.dispose()
-    template.drop(name)
 
 
-def _import(engine: Engine, path: Path, fmt: str, **kw: str):  # type: ignore[no-untyped-def]
+def _import(engine: Engine, path: Path, fmt: str, **kw: str) -> ImportResult:
     with session_scope(engine) as s:
         return import_file(s, path, fmt, **kw)
 
 
-def _export(engine: Engine, path: Path, fmt: str, source: str = "all"):  # type: ignore[no-untyped-def]
+def _export(engine: Engine, path: Path, fmt: str, source: str = "all") -> ExportResult:
     with session_scope(engine) as s:
         return export_file(s, path, fmt, source=source)
 
@@ -149,7 +141,12 @@ def test_preferences_become_tasks_with_sibling_candidates_and_one_ranking(engine
         assert {c.message.id for c in first.candidates} == {m.id for m in children(s, first.context_message)}
         assert all(c.message.role == "assistant" and not c.is_original for c in first.candidates)
         (ranking,) = first.rankings
-        assert (ranking.order, ranking.ties, ranking.all_bad, ranking.trainer_id) == ([2, 0, 1, 3], [[2, 0]], False, None)
+        assert (ranking.order, ranking.ties, ranking.all_bad, ranking.trainer_id) == (
+            [2, 0, 1, 3],
+            [[2, 0]],
+            False,
+            None,
+        )
         assert tasks[2].rankings[0].all_bad and tasks[2].rankings[0].order == []
     # an imported preference is no conversation for SFT: its candidates are alternatives
     with session_scope(engine) as s:
@@ -162,7 +159,10 @@ def test_oasst_trees_keep_their_shape_and_ranks_become_rankings(engine: Engine) 
     with session_scope(engine) as s:
         tasks = s.scalars(select(ComparisonTask).order_by(ComparisonTask.id)).all()
         best_first = [[t.candidates[i].message.content for i in t.rankings[0].order] for t in tasks]
-        assert best_first == [["Mittens, because cats have paws.", "Whiskers.", "I don't know."], ["Quasar.", "Bob."]]
+        assert best_first == [
+            ["Mittens, because cats have paws.", "Whiskers.", "I don't know."],
+            ["Quasar.", "Bob."],
+        ]
         assert all(c.is_original for t in tasks for c in t.candidates)
         spanish = s.scalars(select(Message).where(Message.content == "Son las tres.")).one()
         assert spanish.extra["oasst"]["lang"] == "es" and spanish.extra["oasst"]["rank"] == 0
@@ -190,7 +190,10 @@ def _native_store(engine: Engine) -> dict[str, int]:
     """Trainers' demonstration and chat with a K=4 comparison ranked three times (ties, all-bad, skipped),
     a user's chat with thumbs and an A/B choice."""
     with session_scope(engine) as s:
-        alice, bob, carol = (User(name=n, role=r, password_hash="x") for n, r in [("alice", "trainer"), ("bob", "admin"), ("carol", "user")])
+        alice, bob, carol = (
+            User(name=n, role=r, password_hash="x")
+            for n, r in [("alice", "trainer"), ("bob", "admin"), ("carol", "user")]
+        )
         s.add_all([alice, bob, carol])
         demo = Conversation(kind="demonstration", owner=alice, status="submitted", system_prompt="Be brief.")
         s.add(demo)
@@ -232,7 +235,7 @@ def _native_store(engine: Engine) -> dict[str, int]:
         return {"task": task.id}
 
 
-def _lines(path: Path) -> list[dict]:  # type: ignore[type-arg]
+def _lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
 
 
@@ -287,7 +290,10 @@ def test_datasets_from_the_store(engine: Engine) -> None:
         assert [d.messages[-1]["content"] for d in demos] == ["Vast, salty, deep, blue, alive."]
         assert chat_examples_from_store(s, status="accepted") == []
         examples = ranking_examples_from_store(s)  # three rankings of one task, one skipped
-        assert [(e.ranking, e.ties, e.all_bad) for e in examples] == [([0, 2, 1, 3], [(0, 2)], False), ([], [], True)]
+        assert [(e.ranking, e.ties, e.all_bad) for e in examples] == [
+            ([0, 2, 1, 3], [(0, 2)], False),
+            ([], [], True),
+        ]
         assert examples[0].completions == ["4", "5", "Four.", "I can't."]
         assert examples[0].prompt == [{"role": "user", "content": "What is 2 plus 2?"}]
         assert len(ranking_examples_from_store(s, task_ids=[ids["task"]])) == 2

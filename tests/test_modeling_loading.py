@@ -143,7 +143,9 @@ def test_device_and_autocast_dtype() -> None:
     flags = " ".join(
         line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
     )
-    assert autocast_dtype("cpu") == (torch.bfloat16 if "amx_bf16" in flags.split() else None)
+    assert autocast_dtype("cpu") == (
+        torch.bfloat16 if {"amx_bf16", "avx512_bf16"} & set(flags.split()) else None
+    )
     assert autocast_dtype(torch.device("meta")) is None
 
 

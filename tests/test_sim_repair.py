@@ -79,3 +79,12 @@ def test_truncated_repetitive_and_refusing_suggestions_are_cleaned() -> None:
     long_reply = " ".join(f"Sentence number w{i} is here." for i in range(60))
     fixed = repair(plain, long_reply)
     assert fixed is not None and gold_report(plain, fixed).words <= 150 and fixed.endswith(".")
+
+
+def test_layout_survives_repair() -> None:
+    listed = "Here is how:\n\n1. Wear a hat.\n2. Drink tea.\n3. Stay inside."
+    assert repair(Prompt("x", (Check("upper"),)), listed) == listed.upper()
+    bullets = repair(Prompt("x", (Check("bullets", 3),)), "1. Wear a hat.\n2. Drink tea.\n3. Stay inside.")
+    assert bullets == "- Wear a hat.\n- Drink tea.\n- Stay inside."
+    looped = "Tip one.\nTip two.\nTip one.\nTip three."
+    assert repair(Prompt("Give tips."), looped) == "Tip one.\nTip two.\nTip three."

@@ -138,3 +138,38 @@ def test_a_trainer_name_taken_by_another_role_is_refused(sqlite_url: str) -> Non
         first = SimulatedTrainer.create(s, "sim-1")
         assert SimulatedTrainer.create(s, "sim-1").user is first.user
     engine.dispose()
+
+
+def test_multi_turn_chats_abandoned_drafts_and_skips(sqlite_url: str, tiny: tuple[Any, Any]) -> None:
+    from dialoop.store.db import make_engine
+
+    engine = make_engine(sqlite_url)
+    picky = SimTrainerConfig(
+        suggestions=2,
+        suggestion_params=SamplingParams(max_new_tokens=8),
+        chat_params=SamplingParams(max_new_tokens=8),
+        min_demo_score=2.0,  # above the best possible score: every draft is abandoned
+        skip_rate=1.0,
+    )
+    with session_scope(engine) as s:
+        version = register_model_version(s, name="base", kind="policy", path="tiny")
+        handle = PolicyHandle(tiny[0], tiny[1], version.id)
+        ann, bob = (SimulatedTrainer.create(s, n, config=picky) for n in ("ann", "bob"))
+        assert ann.write_demonstrations(s, handle, generate_prompts(3, seed=0)) == []
+        assert s.scalar(select(func.count()).select_from(Conversation)) == 0
+        prompts = generate_prompts(4, seed=1)
+        with pytest.raises(ValueError, match="do not make chats of 3 turn"):
+            ann.chat(s, handle, prompts, turns=3)
+        chats = ann.chat(s, handle, prompts, turns=2)
+        assert len(chats) == 2
+        for chat, pair in zip(chats, [prompts[:2], prompts[2:]], strict=True):
+            messages = sorted(chat.messages, key=lambda m: m.id)
+            assert [m.role for m in messages] == ["user", "assistant", "user", "assistant"]
+            assert [m.content for m in messages[::2]] == [p.text for p in pair]
+            assert [m.parent_id for m in messages[1:]] == [m.id for m in messages[:-1]]
+        tasks = create_comparison_tasks(s, handle, 10, rng=random.Random(0))
+        assert len(tasks) == 4  # both model replies of each chat start a task
+        answers = rank_all(s, [ann, bob])
+        assert len(answers) == 4 and all(a.skip_reason and a.trainer_id == bob.user.id for a in answers)
+        assert all(t.status == "open" for t in tasks)
+    engine.dispose()

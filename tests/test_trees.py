@@ -10,7 +10,7 @@ from dialoop.store.trees import add_message, as_chat, children, leaf_paths, path
 
 
 def _tree(engine: Engine) -> dict[str, int]:
-    """user u1 -> assistant a1 (-> user u2 -> assistant a3) | assistant a2 (a regeneration); root r2 (an edit)."""
+    """u1 -> a1 -> u2 -> a3, a2 a regeneration beside a1, root r2 an edit beside u1."""
     with session_scope(engine) as s:
         conv = Conversation(kind="chat", system_prompt="Be brief.")
         s.add(conv)
@@ -73,4 +73,7 @@ def test_as_chat_and_leaf_paths(engine: Engine) -> None:
             {"role": "user", "content": "hi"},
             {"role": "assistant", "content": "hey"},
         ]
-        assert as_chat(paths[1]) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}]
+        assert as_chat(paths[1]) == [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hey"},
+        ]

@@ -5,6 +5,7 @@ from dialoop.cli import admin  # noqa: F401
 from dialoop.cli import bench  # noqa: F401
 from dialoop.cli import data  # noqa: F401
 from dialoop.cli import serve  # noqa: F401
+from dialoop.cli import train  # noqa: F401
 from dialoop.cli._app import app
 
 __all__ = ["app"]

@@ -59,3 +59,54 @@ def bench_serve_command(
         f"speedup at {result['speedup_at']} streams: {result['speedup']}x, {verdict} the "
         f"{result['target_speedup']}x target"
     )
+
+
+@bench_app.command("ppo")
+def bench_ppo_command(
+    model: str | None = typer.Option(
+        None, "--model", help="HF model directory (default: the embedded default).", show_default=False
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 where fast), bf16 or fp32."),
+    batch: int = typer.Option(8, "--batch", help="Episodes (prompts) per PPO step."),
+    mini_batch: int = typer.Option(8, "--mini-batch", help="Episodes per optimizer update."),
+    ppo_epochs: int = typer.Option(1, "--ppo-epochs", help="Passes over each batch of rollouts."),
+    new_tokens: int = typer.Option(64, "--new-tokens", help="Longest reply, in tokens."),
+    temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature."),
+    lr: float = typer.Option(3e-6, "--lr", help="AdamW learning rate."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed warm-up steps."),
+    steps: int = typer.Option(3, "--steps", help="Timed steps (the median is reported)."),
+    threads: int = typer.Option(2, "--threads", help="CPU threads."),
+    lora_r: int = typer.Option(0, "--lora-r", help="LoRA rank (0: full fine-tuning, as TRL's harness)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the reward head and of sampling."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line (the harness's format)."),
+) -> None:
+    """Seconds per PPO step and peak memory, with the workload of the TRL PPO harness (../shared/peers)."""
+    from dialoop.bench.ppo import PPOBenchConfig, bench_ppo, summary_line
+
+    logging.basicConfig(level=logging.WARNING)
+    cfg = PPOBenchConfig(
+        model=model,
+        device=device,
+        precision=precision,
+        batch=batch,
+        mini_batch=mini_batch,
+        ppo_epochs=ppo_epochs,
+        new_tokens=new_tokens,
+        temperature=temperature,
+        lr=lr,
+        warmup=warmup,
+        steps=steps,
+        threads=threads,
+        lora_r=lora_r,
+        seed=seed,
+    )
+    try:
+        result = bench_ppo(cfg)
+    except ValueError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    console.print(summary_line(result), highlight=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from sqlalchemy import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from dialoop.cli._app import app
@@ -75,6 +75,10 @@ def import_(
             result = import_file(session, file, fmt, source_name=source_name, kind=kind)
     except (FormatError, ValueError) as exc:
         raise _fail(f"{exc} (nothing imported)") from exc
+    except IntegrityError as exc:  # another import added the same records meanwhile
+        raise _fail(
+            f"the store changed during the import, nothing imported: try again ({exc.orig})", 1
+        ) from exc
     console.print(
         f"imported {result.imported} of {result.records} {result.format} records from {file} "
         f"({result.duplicates} already in the store): {result.conversations} conversations, "

@@ -3,7 +3,13 @@
 Human trainers (the web workspace) and simulated trainers (`dialoop.sim`) both act through these.
 """
 
-from dialoop.collect.agreement import AgreementReport, TrainerStats, pair_agreement, pairwise_agreement
+from dialoop.collect.agreement import (
+    AgreementReport,
+    TrainerStats,
+    collection_counts,
+    pair_agreement,
+    pairwise_agreement,
+)
 from dialoop.collect.chats import add_user_turn, chat_head, chat_reply, generate_chat_replies, start_chat
 from dialoop.collect.common import TRAINER_ROLES, PolicyHandle
 from dialoop.collect.demonstrations import (
@@ -46,6 +52,7 @@ __all__ = [
     "cancel_task",
     "chat_head",
     "chat_reply",
+    "collection_counts",
     "create_comparison_task",
     "create_comparison_tasks",
     "create_demonstration",

@@ -1,4 +1,4 @@
-"""Inter-trainer agreement on overlapping tasks, and what each trainer has done."""
+"""Inter-trainer agreement on overlapping tasks, what each trainer has done, and collection counts."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
-from dialoop.store.models import ComparisonTask, Ranking, User
+from dialoop.store.models import ComparisonTask, Conversation, Ranking, User
 
 
 def tie_groups(order: Sequence[int], ties: Sequence[Sequence[int]]) -> dict[int, int]:
@@ -110,3 +110,18 @@ def pairwise_agreement(session: Session) -> AgreementReport:
                 report.trainers[r.trainer_id].agreed_pairs += agreed
                 report.trainers[r.trainer_id].compared_pairs += compared
     return report
+
+
+def collection_counts(session: Session) -> dict[str, int]:
+    """Demonstrations by status, chats, and comparison tasks by status, for the admin dashboard."""
+    counts: dict[str, int] = {}
+    by_kind = select(Conversation.kind, Conversation.status, func.count()).group_by(
+        Conversation.kind, Conversation.status
+    )
+    for kind, status, n in session.execute(by_kind):
+        key = f"demonstrations_{status}" if kind == "demonstration" else f"{kind}s"
+        counts[key] = counts.get(key, 0) + n
+    tasks = select(ComparisonTask.status, func.count()).group_by(ComparisonTask.status)
+    for status, n in session.execute(tasks):
+        counts[f"tasks_{status}"] = n
+    return counts

@@ -105,10 +105,12 @@ def create_comparison_tasks(
     jobs: list[tuple[int, PolicyHandle, SamplingParams]] = []  # (task number, model, params)
     for t, original in enumerate(picked):
         base = params or params_from_record(original.sampling or {})
+        if base.temperature == 0:  # greedy alternatives would all repeat one reply: nothing to compare
+            base = dataclasses.replace(base, temperature=1.0)
         for j in range(k - 1):
             seed = rng.randrange(_SEED_RANGE)
             jobs.append((t, handles[j % len(handles)], dataclasses.replace(base, seed=seed)))
-    chats = [context_of(session, session.get_one(Message, m.parent_id)) for m in picked]
+    chats = [context_of(session, m.parent) for m in picked if m.parent is not None]
     texts: dict[int, Reply] = {}
     for h in handles:
         mine = [i for i, (_, jh, _) in enumerate(jobs) if jh is h]
@@ -167,7 +169,7 @@ def create_comparison_task(
 
 def display_order(task: ComparisonTask, trainer: User) -> list[Candidate]:
     """The task's candidates in the order `trainer` sees them: shuffled, the same every time for them."""
-    candidates = list(task.candidates)
+    candidates = sorted(task.candidates, key=lambda c: c.index)  # in-memory lists keep insertion order
     random.Random(f"display:{task.id}:{trainer.id}").shuffle(candidates)
     return candidates
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, func, insert, select
 from sqlalchemy.orm import Session, selectinload
 
 from dialoop.formats import oasst
@@ -40,7 +40,7 @@ from dialoop.store.models import (
     Ranking,
     User,
 )
-from dialoop.store.trees import add_message, as_chat, leaf_paths, path_to_root
+from dialoop.store.trees import as_chat, leaf_paths, path_to_root
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ Record = ChatExample | RankingExample | OasstTree
 
 SOURCES = ("all", "imported", "trainers", "feedback")
 TRAINER_ROLES = ("trainer", "admin")
-CHUNK = 500  # rows per IN (...) query, records per flush
+CHUNK = 500  # ids per IN (...) query, records per bulk INSERT
 # OASST ids for messages that did not come from OASST: stable within a store, kept by a re-import
 MESSAGE_ID_NAMESPACE = uuid.UUID("6c0f3f5e-4a59-4f4e-9a86-5b1f0d7f3a21")
 
@@ -116,120 +116,160 @@ def _title(chat: list[ChatMessage]) -> str:
     return text if len(text) <= 80 else text[:79] + "…"
 
 
-class _Importer:
-    """Adds parsed records to the session; the caller flushes."""
+@dataclass
+class _PlannedTask:
+    context: int  # index into the plan's messages
+    candidates: list[int]
+    ranking: RankingExample  # only its ranking, ties and all_bad are used
+    original: bool
+    content_hash: str | None
 
-    def __init__(self, session: Session, result: ImportResult, source: str, kind: str) -> None:
-        self.session, self.result, self.source, self.kind = session, result, source, kind
 
-    def add(self, record: Record, content_hash: str) -> None:
-        if isinstance(record, ChatExample):
-            self._add_chat(record, content_hash)
-        elif isinstance(record, RankingExample):
-            self._add_ranking(record, content_hash)
-        else:
-            self._add_tree(record, content_hash)
-        self.result.imported += 1
+@dataclass
+class _Plan:
+    """The rows one record becomes: a conversation, its messages (parents before children, each
+    parent given by index), and comparison tasks over them."""
 
-    def _conversation(
-        self, content_hash: str, title: str, kind: str, system_prompt: str = ""
-    ) -> Conversation:
-        conversation = Conversation(
-            kind=kind,
-            source=self.source,
-            content_hash=content_hash,
-            title=title,
-            system_prompt=system_prompt,
+    conversation: dict[str, Any]
+    messages: list[tuple[int | None, str, str, dict[str, Any]]]  # (parent, role, content, extra)
+    tasks: list[_PlannedTask]
+
+
+def _plan(record: Record, content_hash: str, source: str, kind: str) -> _Plan:
+    def conversation(chat: list[ChatMessage], kind: str, system_prompt: str = "") -> dict[str, Any]:
+        return {
+            "kind": kind,
+            "source": source,
+            "content_hash": content_hash,
+            "title": _title(chat),
+            "system_prompt": system_prompt,
             # imported demonstrations were reviewed where they came from
-            status="accepted" if kind == "demonstration" else "active",
-        )
-        self.session.add(conversation)
-        self.result.conversations += 1
-        return conversation
+            "status": "accepted" if kind == "demonstration" else "active",
+        }
 
-    def _message(
-        self, conversation: Conversation, parent: Message | None, role: str, content: str, **author: Any
-    ) -> Message:
-        self.result.messages += 1
-        return add_message(self.session, conversation, parent, role, content, flush=False, **author)
-
-    def _task(
-        self,
-        context: Message,
-        replies: list[Message],
-        ranking: RankingExample,
-        *,
-        original: bool,
-        content_hash: str | None,
-    ) -> None:
-        task = ComparisonTask(
-            context_message=context, overlap=1, status="done", source=self.source, content_hash=content_hash
-        )
-        task.candidates = [Candidate(index=i, message=m, is_original=original) for i, m in enumerate(replies)]
-        task.rankings = [
-            Ranking(
-                order=list(ranking.ranking), ties=[list(t) for t in ranking.ties], all_bad=ranking.all_bad
-            )
+    if isinstance(record, ChatExample):
+        chain: list[tuple[int | None, str, str, dict[str, Any]]] = [
+            (i - 1 if i else None, m["role"], m["content"], {}) for i, m in enumerate(record.messages)
         ]
-        self.session.add(task)
-        self.result.comparison_tasks += 1
-        self.result.rankings += 1
+        return _Plan(conversation(record.messages, kind), chain, [])
+    if isinstance(record, RankingExample):
+        n = len(record.prompt)
+        messages: list[tuple[int | None, str, str, dict[str, Any]]] = [
+            (i - 1 if i else None, m["role"], m["content"], {}) for i, m in enumerate(record.prompt)
+        ]
+        messages += [(n - 1, "assistant", c, {}) for c in record.completions]
+        # imported candidates are alternatives to compare, not turns of a conversation
+        task = _PlannedTask(n - 1, list(range(n, len(messages))), record, False, content_hash)
+        return _Plan(conversation(record.prompt, "imported"), messages, [task])
+    tree = record
+    messages = []
+    index_of: dict[int, int] = {}  # id(node) -> index of its message
+    ranked_nodes: list[tuple[OasstNode, tuple[list[OasstNode], list[int], list[tuple[int, int]]]]] = []
+    in_tasks: set[int] = set()  # id(node) of replies whose rank becomes a ranking
+    stack: list[tuple[int | None, OasstNode]] = [(None, tree.root)]
+    while stack:  # depth first, older replies first
+        parent, node = stack.pop()
+        fields: dict[str, Any] = {"message_id": node.message_id, **node.extra}
+        if node.rank is not None and id(node) not in in_tasks:
+            fields["rank"] = node.rank
+        extra: dict[str, Any] = {"oasst": fields}
+        if parent is None:
+            extra["oasst_tree"] = {
+                "message_tree_id": tree.tree_id,
+                "tree_state": tree.tree_state,
+                **tree.extra,
+            }
+        index_of[id(node)] = len(messages)
+        messages.append((parent, node.role, node.text, extra))
+        ranked = oasst.ranked_replies(node)
+        if ranked is not None:
+            in_tasks.update(id(r) for r in ranked[0])
+            ranked_nodes.append((node, ranked))
+        stack.extend((index_of[id(node)], r) for r in reversed(node.replies))
+    # OASST replies are turns of the tree: each candidate is an original message
+    tasks = [
+        _PlannedTask(
+            context=index_of[id(node)],
+            candidates=[index_of[id(r)] for r in replies],
+            ranking=RankingExample(prompt=[], completions=[], ranking=order, ties=ties),
+            original=True,
+            content_hash=None,
+        )
+        for node, (replies, order, ties) in ranked_nodes
+    ]
+    title_chat: list[ChatMessage] = [{"role": "user", "content": tree.root.text}]
+    return _Plan(conversation(title_chat, kind, tree.system_prompt), messages, tasks)
 
-    def _add_chat(self, example: ChatExample, content_hash: str) -> None:
-        conversation = self._conversation(content_hash, _title(example.messages), self.kind)
-        parent = None
-        for m in example.messages:
-            parent = self._message(conversation, parent, m["role"], m["content"])
 
-    def _add_ranking(self, example: RankingExample, content_hash: str) -> None:
-        conversation = self._conversation(content_hash, _title(example.prompt), "imported")
-        context: Message | None = None
-        for m in example.prompt:
-            context = self._message(conversation, context, m["role"], m["content"])
-        assert context is not None  # a parsed prompt is never empty
-        replies = [self._message(conversation, context, "assistant", c) for c in example.completions]
-        # imported candidates are alternatives to compare, not turns of the conversation
-        self._task(context, replies, example, original=False, content_hash=content_hash)
+def _write_plans(session: Session, plans: list[_Plan], result: ImportResult) -> None:
+    """INSERT the plans' rows in bulk, level by level so that parents exist first. RETURNING with
+    `sort_by_parameter_order` gives ids in row order: siblings' ids follow their order in the file."""
 
-    def _add_tree(self, tree: OasstTree, content_hash: str) -> None:
-        title = _title([{"role": "user", "content": tree.root.text}])
-        conversation = self._conversation(content_hash, title, self.kind, tree.system_prompt)
-        created: dict[int, Message] = {}  # id(node) -> its message
-        in_tasks: set[int] = set()  # id(node) of replies whose rank becomes a ranking
-        tasks: list[tuple[OasstNode, list[OasstNode], RankingExample]] = []
-        # depth first, older replies first: after the flush, siblings' ids follow their order in the file
-        stack: list[tuple[Message | None, OasstNode]] = [(None, tree.root)]
-        while stack:
-            parent, node = stack.pop()
-            fields: dict[str, Any] = {"message_id": node.message_id, **node.extra}
-            if node.rank is not None and id(node) not in in_tasks:
-                fields["rank"] = node.rank
-            extra: dict[str, Any] = {"oasst": fields}
-            if parent is None:
-                extra["oasst_tree"] = {
-                    "message_tree_id": tree.tree_id,
-                    "tree_state": tree.tree_state,
-                    **tree.extra,
+    def insert_ids(model: Any, rows: list[dict[str, Any]]) -> list[int]:
+        if not rows:
+            return []
+        statement = insert(model).returning(model.id, sort_by_parameter_order=True)
+        return list(session.scalars(statement, rows))
+
+    conversation_ids = insert_ids(Conversation, [p.conversation for p in plans])
+    message_ids: list[list[int]] = [[0] * len(p.messages) for p in plans]
+    depth: list[list[int]] = []
+    for plan in plans:
+        levels: list[int] = []
+        for parent, *_ in plan.messages:
+            levels.append(0 if parent is None else levels[parent] + 1)
+        depth.append(levels)
+    for level in range(max((max(d, default=-1) for d in depth), default=-1) + 1):
+        where = [
+            (p, i) for p, plan in enumerate(plans) for i in range(len(plan.messages)) if depth[p][i] == level
+        ]
+        rows: list[dict[str, Any]] = []
+        for p, i in where:
+            parent, role, content, extra = plans[p].messages[i]
+            rows.append(
+                {
+                    "conversation_id": conversation_ids[p],
+                    "parent_id": None if parent is None else message_ids[p][parent],
+                    "role": role,
+                    "content": content,
+                    "extra": extra,
                 }
-            message = self._message(conversation, parent, node.role, node.text, extra=extra)
-            created[id(node)] = message
-            ranked = oasst.ranked_replies(node)
-            if ranked is not None:
-                replies, order, ties = ranked
-                in_tasks.update(id(r) for r in replies)
-                tasks.append(
-                    (node, replies, RankingExample(prompt=[], completions=[], ranking=order, ties=ties))
-                )
-            stack.extend((message, r) for r in reversed(node.replies))
-        for node, replies, ranking in tasks:
-            # OASST replies are turns of the tree: each candidate is an original message
-            self._task(
-                created[id(node)],
-                [created[id(r)] for r in replies],
-                ranking,
-                original=True,
-                content_hash=None,
             )
+        for (p, i), new_id in zip(where, insert_ids(Message, rows), strict=True):
+            message_ids[p][i] = new_id
+    tasks = [(p, t) for p, plan in enumerate(plans) for t in plan.tasks]
+    task_rows = [
+        {
+            "context_message_id": message_ids[p][t.context],
+            "overlap": 1,
+            "status": "done",
+            "source": plans[p].conversation["source"],
+            "content_hash": t.content_hash,
+        }
+        for p, t in tasks
+    ]
+    task_ids = insert_ids(ComparisonTask, task_rows)
+    candidates: list[dict[str, Any]] = [
+        {"task_id": task_id, "index": k, "message_id": message_ids[p][m], "is_original": t.original}
+        for task_id, (p, t) in zip(task_ids, tasks, strict=True)
+        for k, m in enumerate(t.candidates)
+    ]
+    rankings: list[dict[str, Any]] = [
+        {
+            "task_id": task_id,
+            "order": list(t.ranking.ranking),
+            "ties": [list(tie) for tie in t.ranking.ties],
+            "all_bad": t.ranking.all_bad,
+        }
+        for task_id, (_, t) in zip(task_ids, tasks, strict=True)
+    ]
+    for model, rows in ((Candidate, candidates), (Ranking, rankings)):
+        if rows:
+            session.execute(insert(model), rows)
+    result.conversations += len(plans)
+    result.messages += sum(len(p.messages) for p in plans)
+    result.comparison_tasks += len(tasks)
+    result.rankings += len(rankings)
 
 
 def import_file(
@@ -258,15 +298,11 @@ def import_file(
     for chunk in _chunks(hashes):
         query = select(Conversation.content_hash).where(Conversation.content_hash.in_(chunk))
         existing.update(h for h in session.scalars(query) if h is not None)
-    importer = _Importer(session, result, source, kind)
-    for i, (record, record_hash) in enumerate(zip(records, hashes, strict=True)):
-        if record_hash in existing:
-            result.duplicates += 1
-            continue
-        importer.add(record, record_hash)
-        if (i + 1) % CHUNK == 0:
-            session.flush()
-    session.flush()
+    new = [(r, h) for r, h in zip(records, hashes, strict=True) if h not in existing]
+    result.duplicates = len(records) - len(new)
+    result.imported = len(new)
+    for chunk_of_new in _chunks(new):
+        _write_plans(session, [_plan(r, h, source, kind) for r, h in chunk_of_new], result)
     log.info(
         "imported %d of %d %s records from %s (%d already in the store)",
         result.imported,

@@ -44,6 +44,7 @@ CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LOGIN_PATH = "/login"
+_MAX_TRACKED_LOGINS = 10_000
 
 
 class WebSettings(BaseSettings):
@@ -324,7 +325,11 @@ def _throttled(request: Request, name: str) -> float:
 def _record_failure(request: Request, name: str) -> None:
     state = _state(request)
     key = (request.client.host if request.client else "", name.lower())
-    state.failures.setdefault(key, []).append(time.time())
+    now = time.time()
+    state.failures.setdefault(key, []).append(now)
+    if len(state.failures) > _MAX_TRACKED_LOGINS:  # a flood of made-up names must not grow memory forever
+        window = state.config.login_window_s
+        state.failures = {k: ts for k, ts in state.failures.items() if now - ts[-1] < window}
 
 
 router = APIRouter(tags=["auth"])

@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session
 from dialoop.formats.records import ChatMessage
 from dialoop.serve.auth import CurrentUser, csrf_protect
 from dialoop.serve.deps import EngineDep, RegistryDep, ServeSettings, ServeSettingsDep, SessionDep, WorkerDep
-from dialoop.serve.models import ModelEntry, UnknownModel
+from dialoop.serve.models import ModelEntry, ModelRegistry, UnknownModel
 from dialoop.serve.pages import render
 from dialoop.serve.worker import ChoiceEnd, ContextTooLong, Generation, GenerationWorker, QueueFull, TextDelta
 from dialoop.store.db import session_scope
@@ -330,7 +330,7 @@ def _save_user_message(
 
 def _save_reply(
     engine: Engine,
-    registry: Any,
+    registry: ModelRegistry,
     prepared: _Prepared,
     model_name: str,
     options: GenerationOptions,
@@ -412,7 +412,7 @@ def _stream(
 ) -> StreamingResponse:
     """Stream the generation's text and save the reply when it ends (stopped or cut off: what there is)."""
     engine: Engine = request.app.state.engine
-    registry = request.app.state.registry
+    registry: ModelRegistry = request.app.state.registry
     live = _live(request)
     live[generation.id] = _Live(user.id, prepared.conversation_id, generation)
     parts: list[str] = []
@@ -450,12 +450,15 @@ def _stream(
                 )
                 return
             saving = True
-            message = await run_in_threadpool(save, end.finish_reason, end.completion_tokens)
+            message = None
+            if parts or end.finish_reason != "cancelled":  # stopped before its first word: nothing to keep
+                message = await run_in_threadpool(save, end.finish_reason, end.completion_tokens)
             yield _event({"type": "done", "finish_reason": end.finish_reason, "message": message})
         finally:
             live.pop(generation.id, None)
             if not saving and (end is None or end.finish_reason != "error"):
-                # the client went away mid-reply: the generation is cancelled (by events()); keep its text
+                # the client went away mid-reply: cancel the generation and keep its text (a short
+                # blocking write: awaiting is not possible in a generator being closed)
                 generation.cancel()
                 if parts:
                     save("cancelled", None)

@@ -93,10 +93,10 @@ def render(
 
 
 def wants_page(request: Request) -> bool:
-    """True for a browser navigating to a page (not a script's call, not the /v1 API)."""
+    """True for a browser visiting a page or posting a form (not a script's call, not the /v1 API)."""
     path = request.url.path
     return (
-        request.method == "GET"
+        request.method in ("GET", "POST")
         and "text/html" in request.headers.get("accept", "")
         and not path.startswith(("/v1/", "/api/", "/static/"))
     )

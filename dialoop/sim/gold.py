@@ -37,7 +37,8 @@ REFUSAL_RE = re.compile(
     re.IGNORECASE,
 )
 _NUMBER_RE = re.compile(r"[-−]?\d+(?:,\d{3})*(?:\.\d+)?")
-_SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|\n+")
+SENTENCE_BREAK = r"(?<=[.!?])\s+|\n+"  # a sentence ends at . ! ? before a space, or at a line end
+_SENTENCE_SPLIT_RE = re.compile(SENTENCE_BREAK)
 
 
 def word_count(text: str) -> int:
@@ -96,6 +97,7 @@ def check_passes(check: Check, reply: str) -> bool:
     if name == "max_words":
         return word_count(reply) <= int(arg or 0)
     if name == "bullets":
+        # an indented list item still reads as a bullet, so leading spaces are allowed
         bullet_lines = [ln for ln in reply.splitlines() if ln.lstrip().startswith(("- ", "* "))]
         return len(bullet_lines) == arg
     if name == "include":

@@ -9,6 +9,7 @@ from dialoop.sim.gold import (
     LENGTH_FREE_WORDS,
     MAX_REFUSAL_WORDS,
     REPEATED_RUN,
+    SENTENCE_BREAK,
     check_passes,
     is_refusal,
     normalized_words,
@@ -27,26 +28,28 @@ _SENTENCE_END_RE = re.compile(r"[.!?](?=\s|$)")
 
 
 def _dedupe(text: str) -> str:
-    """Drop repeated sentences, then cut the text before the first run of 8 words seen earlier."""
+    """Drop repeated sentences, then cut before the first run of 8 words seen earlier; layout is kept."""
+    pieces = re.split(f"({SENTENCE_BREAK})", text)  # sentence, break, sentence, break, ...
     kept: list[str] = []
     seen: set[str] = set()
-    for sentence in split_sentences(text):
-        key = " ".join(normalized_words(sentence))
-        if key and key not in seen:
-            seen.add(key)
-            kept.append(sentence)
-    text = " ".join(kept)
-    raw = text.split()
+    for i in range(0, len(pieces), 2):
+        key = " ".join(normalized_words(pieces[i]))
+        if key and key in seen:
+            continue  # the repeat goes, with the break after it
+        seen.add(key)
+        kept.append(pieces[i] + (pieces[i + 1] if i + 1 < len(pieces) else ""))
+    text = "".join(kept).strip()
+    words = list(re.finditer(r"\S+", text))
     runs: set[tuple[str, ...]] = set()
-    window: list[str] = []
-    for i, word in enumerate(raw):
-        norm = normalized_words(word)
-        window.extend(norm)
-        if len(window) >= REPEATED_RUN:
-            run = tuple(window[-REPEATED_RUN:])
-            if run in runs:
-                return " ".join(raw[: i - REPEATED_RUN + 1]).strip()
-            runs.add(run)
+    window: list[tuple[str, int]] = []  # (normalized word, index of the written word it comes from)
+    for index, match in enumerate(words):
+        for word in normalized_words(match.group()):
+            window.append((word, index))
+            if len(window) >= REPEATED_RUN:
+                run = tuple(w for w, _ in window[-REPEATED_RUN:])
+                if run in runs:
+                    return text[: words[window[-REPEATED_RUN][1]].start()].rstrip()
+                runs.add(run)
     return text
 
 

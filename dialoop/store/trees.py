@@ -23,20 +23,17 @@ def add_message(
     parent: Message | None,
     role: str,
     content: str,
-    *,
-    flush: bool = True,
     **author: Any,
 ) -> Message:
-    """A new message under `parent` (None: a root); `author` sets author_user_id, author_model_id,
-    sampling, finished or extra. `flush=False` defers the INSERT (bulk imports): ids come later."""
+    """A new message (flushed: it has its id) under `parent`, None for a root; `author` sets
+    author_user_id, author_model_id, sampling, finished or extra."""
     if role not in MESSAGE_ROLES:
         raise ValueError(f"invalid message role {role!r}: choose one of {', '.join(MESSAGE_ROLES)}")
     if parent is not None and parent.conversation is not conversation:
         raise ValueError("the parent message belongs to another conversation")
     message = Message(conversation=conversation, parent=parent, role=role, content=content, **author)
     session.add(message)
-    if flush:
-        session.flush()
+    session.flush()
     return message
 
 

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState, GradientState
 
 from dialoop.train.config import PRECISIONS, TrainConfig
 
@@ -71,26 +72,15 @@ class TrainState:
 # --- precision, accelerator, seeding ----------------------------------------------------------
 
 
-@lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
-    """True when oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def resolve_precision(precision: str, device: torch.device | None = None) -> str:
-    """`auto` -> `bf16` on CUDA with bf16 or a CPU with native bf16, else `fp32`."""
+    """`auto` -> `bf16` where `dialoop.modeling.autocast_dtype` says the device has fast bf16, else `fp32`."""
+    from dialoop.modeling import autocast_dtype, pick_device
+
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         return precision
-    if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+    return "bf16" if autocast_dtype(device or pick_device()) == torch.bfloat16 else "fp32"
 
 
 def accumulation_steps(config: TrainConfig, num_processes: int) -> int:
@@ -104,11 +94,19 @@ def make_accelerator(config: TrainConfig, *, gradient_accumulation_steps: int | 
     """The run's Accelerator: bf16 autocast over fp32 weights when the precision resolves to bf16."""
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
-    partial = PartialState()
+    from dialoop.modeling import pick_device
+
+    # without an accelerator, processes started by `accelerate launch --multi_gpu` / torchrun join over gloo
+    cpu = pick_device().type == "cpu"
+    # accelerate keeps its settings in process-wide singletons; a process that runs several stages (the demo)
+    # starts each with fresh ones, keeping the process group (PartialState)
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    partial = PartialState(cpu=cpu)
     steps = gradient_accumulation_steps or accumulation_steps(config, partial.num_processes)
     precision = resolve_precision(config.precision, partial.device)
     accelerator = Accelerator(
-        mixed_precision="bf16" if precision == "bf16" else "no", gradient_accumulation_steps=steps
+        cpu=cpu, mixed_precision="bf16" if precision == "bf16" else "no", gradient_accumulation_steps=steps
     )
     logger.info(
         "accelerator: %d process(es) on %s, precision %s, %d micro-batch(es) per step",
@@ -231,8 +229,8 @@ class NonFiniteGuard:
         logger.warning("step %d: non-finite loss or gradient, update skipped", state.step + 1)
         if state.nonfinite_streak >= self.max_consecutive:
             raise NonFiniteLossError(
-                f"{state.nonfinite_streak} consecutive steps had a NaN or inf loss (last: step {state.step + 1}); "
-                "stopping. Lower the learning rate, use --precision fp32, or check the data."
+                f"{state.nonfinite_streak} steps in a row had a NaN or inf loss (last: {state.step + 1}): "
+                "stopped. Lower the learning rate, use --precision fp32, or check the data."
             )
 
 
@@ -280,35 +278,23 @@ def optimizer_step(
 
 def resolve_base_model(path_or_id: str | Path | None) -> str:
     """A model dir or hub id; None means the embedded default (converted on first use)."""
-    try:
-        from dialoop.modeling import resolve_model  # type: ignore[attr-defined]
-    except ImportError:
-        resolve_model = None
-    if resolve_model is not None:
-        return str(resolve_model(path_or_id))
-    if path_or_id is None:
-        raise RuntimeError(
-            "the embedded default model is not available (dialoop.modeling.resolve_model missing)"
-        )
-    return str(path_or_id)
+    from dialoop.modeling import resolve_model
+
+    return str(resolve_model(path_or_id))
 
 
 def load_training_tokenizer(path: str | Path) -> Any:
-    """The tokenizer of a model, through dialoop.modeling when it can (EOS/pad rules)."""
-    try:
-        from dialoop.modeling import load_tokenizer  # type: ignore[attr-defined]
-    except ImportError:
-        from transformers import AutoTokenizer
+    """The tokenizer of a model, with dialoop's EOS/pad rules."""
+    from dialoop.modeling import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(path)
     return load_tokenizer(path)
 
 
 def load_causal_lm_for_training(path: str | Path) -> torch.nn.Module:
-    """A causal LM in fp32 (the master weights), dropout as configured, on the CPU."""
-    from transformers import AutoModelForCausalLM
+    """A causal LM with fp32 master weights on the CPU (accelerate moves it), in train mode."""
+    from dialoop.modeling import load_causal_lm
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return load_causal_lm(path, dtype=torch.float32, device="cpu").train()
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

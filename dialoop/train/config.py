@@ -21,7 +21,7 @@ class TrainConfig:
     out: Path | None = field(
         default=None,
         metadata={
-            "help": "Run directory, where the final model is written (default: a new dir in DIALOOP_HOME/runs)."
+            "help": "Run directory; the final model goes there (default: a new one in DIALOOP_HOME/runs)."
         },
     )
     model: str | None = field(

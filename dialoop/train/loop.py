@@ -41,7 +41,8 @@ def make_optimizer(
     config: TrainConfig, model: torch.nn.Module, num_steps: int
 ) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW (no decay on biases and norms) and a cosine schedule with linear warm-up over `num_steps`."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)

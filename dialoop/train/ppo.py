@@ -405,6 +405,19 @@ class PolicyEMA:
         self.params = state["params"]
 
 
+def use_fused_adamw(optimizer: torch.optim.Optimizer) -> None:
+    """Switch a fresh AdamW to its fused kernel where the parameters' device has one.
+
+    The default per-tensor loop reads and writes every weight and moment several times: on the CPU that
+    took ~4x longer than the fused kernel for the two 135M-parameter models PPO trains.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if params and all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params):
+        for group in optimizer.param_groups:
+            group["foreach"] = None
+            group["fused"] = True
+
+
 def row_seed(seed: int, step: int, row: int) -> int:
     """The sampling seed of one rollout: a function of (run seed, step, row of the global batch) only, so
     rollouts do not depend on the number of processes and a resumed run samples what the first would have."""
@@ -453,6 +466,7 @@ class PPOTrainer:
         updates = self.num_steps * config.ppo_epochs * (config.batch_size // config.mini_batch_size)
         actor_critic = ActorCritic(models.policy, models.value)
         optimizer, self.scheduler = make_optimizer(config, actor_critic, updates)
+        use_fused_adamw(optimizer)
         self.model, self.optimizer = accelerator.prepare(actor_critic, optimizer)
         accelerator.register_for_checkpointing(self.scheduler)
         self.ema = PolicyEMA(self.policy, config.ema_decay) if config.ema_decay > 0 else None

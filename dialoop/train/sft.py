@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from dialoop.formats.records import ChatExample, ChatMessage
 from dialoop.train.common import (
+    SUMMARY_FILE,
     disable_dropout,
     load_causal_lm_for_training,
     load_training_tokenizer,
@@ -53,33 +55,50 @@ class TokenizedChat:
         return sum(self.target)
 
 
-def _render(tokenizer: Any, messages: list[ChatMessage], *, generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _render(tokenizer: Any, messages: list[ChatMessage], *, generation_prompt: bool) -> str:
+    return str(
+        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    )
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
     # the template writes every special token it wants (BOS included); the tokenizer must not add more
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
 def tokenize_chat(
     tokenizer: Any, messages: list[ChatMessage], *, max_length: int | None = None
 ) -> TokenizedChat:
-    """Token ids of a conversation through its chat template, with the assistant-token target mask."""
-    ids = _render(tokenizer, messages, generation_prompt=False)
-    target = [False] * len(ids)
-    eos = tokenizer.eos_token_id
+    """Token ids of a conversation through its chat template, with the assistant-token target mask.
+
+    The rendered text is cut where each assistant reply starts (after the template's generation prompt) and
+    where it ends (after its EOS), and the pieces are tokenized apart: a reply's context has exactly the
+    tokens `encode_prompt` gives at inference, and no token straddles a prompt/reply boundary.
+    """
+    text = _render(tokenizer, messages, generation_prompt=False)
+    eos = tokenizer.eos_token
+    targets: list[tuple[int, int]] = []  # character spans of the replies, each with its EOS
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         if i == 0:
             raise ValueError("a conversation cannot start with an assistant turn")
-        start = len(_render(tokenizer, messages[:i], generation_prompt=True))
+        prompt = _render(tokenizer, messages[:i], generation_prompt=True)
         through = _render(tokenizer, messages[: i + 1], generation_prompt=False)
-        if ids[: len(through)] != through or len(through) <= start:
-            raise ValueError("the chat template does not render conversations as prefixes of each other")
-        end = len(through)
-        # the turn ends at its EOS; what the template writes after it (ChatML's newline) is not generated
-        if eos is not None and eos in through[start:]:
-            end = through.index(eos, start) + 1
-        target[start:end] = [True] * (end - start)
+        if not (through.startswith(prompt) and text.startswith(through)):
+            raise ValueError("the chat template does not render a conversation's turns as prefixes of it")
+        end = through.find(eos, len(prompt)) if eos else -1
+        # what the template writes after EOS (ChatML's newline) is never generated: not a target
+        targets.append((len(prompt), end + len(eos) if end >= 0 else len(through)))
+    ids: list[int] = []
+    target: list[bool] = []
+    position = 0
+    for start, end in [*targets, (len(text), len(text))]:
+        for piece, is_target in ((text[position:start], False), (text[start:end], True)):
+            piece_ids = _ids(tokenizer, piece)
+            ids += piece_ids
+            target += [is_target] * len(piece_ids)
+        position = end
     if max_length is not None and len(ids) > max_length:
         ids, target = ids[:max_length], target[:max_length]
     return TokenizedChat(ids, target)
@@ -163,6 +182,7 @@ def build_rows(config: SFTConfig, tokenizer: Any, examples: Sequence[ChatExample
 
 def train_sft(config: SFTConfig, examples: Sequence[ChatExample]) -> Path:
     """Fine-tune `config.model` on `examples` and write an AutoModelForCausalLM dir to the run dir."""
+    started = time.time()
     accelerator = make_accelerator(config)
     run_dir = prepare_run_dir(config, "sft", accelerator)
     seed_everything(config.seed)
@@ -173,7 +193,7 @@ def train_sft(config: SFTConfig, examples: Sequence[ChatExample]) -> Path:
     model = load_causal_lm_for_training(base)
     disable_dropout(model)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable()  # type: ignore[operator]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = accelerator.device
 
@@ -196,8 +216,14 @@ def train_sft(config: SFTConfig, examples: Sequence[ChatExample]) -> Path:
     save_model(accelerator, model, tokenizer, run_dir)
     if accelerator.is_main_process:
         write_json_atomic(
-            run_dir / "metrics.json",
-            {"stage": "sft", "steps": state.step, "skipped_steps": state.skipped_steps, "rows": len(rows)},
+            run_dir / SUMMARY_FILE,
+            {
+                "stage": "sft",
+                "steps": state.step,
+                "skipped_steps": state.skipped_steps,
+                "rows": len(rows),
+                "wall_seconds": round(time.time() - started, 1),
+            },
         )
     finish_checkpoints(config, run_dir, accelerator)
     return run_dir

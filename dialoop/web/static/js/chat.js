@@ -133,6 +133,7 @@ class ChatPage {
           },
           onEdit: (m, text) => this.edit(m, text),
           onRegenerate: (m) => this.regenerate(m),
+          onReply: (m) => this.reply(m),
           onThumbs: (m, value) => this.thumbs(m, value),
         };
     const nodes = path.map((m) => messageElement(this.tree, m, actions));
@@ -172,7 +173,7 @@ class ChatPage {
       const path = this.tree.path();
       const parent = path.length ? path[path.length - 1] : null;
       if (parent && parent.role !== "assistant") {
-        this.showError("The last message has no reply yet: regenerate it or edit it first.");
+        this.showError("The last message has no reply yet: use “Get a reply” or edit it first.");
         return;
       }
       $("prompt").value = "";
@@ -203,6 +204,17 @@ class ChatPage {
       const reply = await this.stream(this.url(`/messages/${message.parent_id}/replies`), this.options(), message.parent_id);
       if (reply) this.pendingChoice = { newId: reply.id, oldId: message.id };
       this.render();
+    } catch (err) {
+      this.showError(err.message);
+      this.render();
+    }
+  }
+
+  async reply(question) {
+    if (this.streaming) return;
+    this.showError("");
+    try {
+      await this.stream(this.url(`/messages/${question.id}/replies`), this.options(), question.id);
     } catch (err) {
       this.showError(err.message);
       this.render();

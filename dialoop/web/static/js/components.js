@@ -113,7 +113,7 @@ export function messageBody(message) {
 
 /**
  * A message element. `actions` may hold onEdit(message, newText), onRegenerate(message),
- * onThumbs(message, value), onSwitch(id); missing ones are not offered.
+ * onReply(userMessage), onThumbs(message, value), onSwitch(id); missing ones are not offered.
  */
 export function messageElement(tree, message, actions = {}) {
   const node = el("article", {
@@ -134,6 +134,10 @@ export function messageElement(tree, message, actions = {}) {
   if (message.role === "user" && actions.onEdit) {
     bar.append(el("button", { type: "button", class: "edit", text: "Edit", onclick: () => startEdit(node, message, actions.onEdit) }));
   }
+  if (message.role === "user" && actions.onReply && tree.children(message.id).length === 0) {
+    // a reply that failed or was stopped before its first word left this message unanswered
+    bar.append(el("button", { type: "button", class: "reply", text: "Get a reply", onclick: () => actions.onReply(message) }));
+  }
   if (message.role === "assistant") {
     bar.append(
       el("button", {
@@ -147,17 +151,18 @@ export function messageElement(tree, message, actions = {}) {
       bar.append(el("button", { type: "button", class: "regenerate", text: "Regenerate", onclick: () => actions.onRegenerate(message) }));
     }
     if (actions.onThumbs) {
-      const thumb = (value, label, symbol) =>
+      const thumb = (value, label, word) =>
         el("button", {
           type: "button",
           class: `thumb ${value > 0 ? "up" : "down"}`,
           "aria-label": label,
           title: label,
           "aria-pressed": String(message.thumbs === value),
-          text: symbol,
+          text: word,
           onclick: () => actions.onThumbs(message, message.thumbs === value ? 0 : value),
         });
-      bar.append(thumb(1, "Good reply", "👍"), thumb(-1, "Bad reply", "👎"));
+      // words, not emoji: a thumbs glyph is missing from many system fonts
+      bar.append(thumb(1, "Good reply", "Good"), thumb(-1, "Bad reply", "Bad"));
     }
   }
   node.append(bar);

@@ -27,7 +27,7 @@ function link(text, href) {
   a.href = href;
   a.rel = "noopener noreferrer nofollow";
   a.target = "_blank";
-  appendInline(a, text);
+  appendInline(a, text, true);
   return a;
 }
 
@@ -45,8 +45,10 @@ const INLINE = [
 ];
 const INLINE_START = /[`*_~![<h]/g;
 
-/** Append `text` with inline markdown to `parent` as DOM nodes. */
-export function appendInline(parent, text) {
+const LINK_KINDS = new Set(["link", "autolink", "url"]);
+
+/** Append `text` with inline markdown to `parent` as DOM nodes (`inLink`: no links inside a link). */
+export function appendInline(parent, text, inLink = false) {
   let plain = "";
   const flush = () => {
     if (plain) parent.appendChild(document.createTextNode(plain));
@@ -61,6 +63,7 @@ export function appendInline(parent, text) {
     i = found.index;
     let matched = false;
     for (const rule of INLINE) {
+      if (inLink && LINK_KINDS.has(rule.kind)) continue;
       rule.re.lastIndex = i;
       const m = rule.re.exec(text);
       if (!m) continue;
@@ -79,7 +82,7 @@ export function appendInline(parent, text) {
         flush();
         // images are shown as links: loading a model-chosen URL would leak the page to that host
         if (href) parent.appendChild(link(m[1] || m[2], href));
-        else appendInline(parent, m[1]);
+        else appendInline(parent, m[1], inLink);
         i += m[0].length;
       } else if (rule.kind === "autolink" || rule.kind === "url") {
         const raw = rule.kind === "autolink" ? m[1] : m[0];
@@ -91,7 +94,7 @@ export function appendInline(parent, text) {
       } else {
         flush();
         const node = el(rule.kind);
-        appendInline(node, m[1]);
+        appendInline(node, m[1], inLink);
         parent.appendChild(node);
         i += m[0].length;
       }

@@ -1,0 +1,348 @@
+"""The report card: models sampled on held-out prompts (the sim eval split) and scored by the gold scorer.
+
+Per model: mean gold score, gold win rate against the SFT model (ties count half), EOS rate, mean reply
+length, KL to the SFT model on the model's own samples. For the reward model: pairwise accuracy
+against the noise-free gold order on held-out comparisons (each eval prompt's replies from every model
+evaluated, topped up with samples of the last one). Every model sees the same prompts with the same
+per-row sampling seeds, so differences between models are not sampling luck of one of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dialoop.evaluate.metrics import mean, pair_accuracy, sequence_kl, stderr, win_rate
+from dialoop.evaluate.progress import stage_progress
+from dialoop.modeling import (
+    Completion,
+    Reply,
+    SamplingParams,
+    encode_prompt,
+    generate_replies,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    pad_token_id,
+)
+from dialoop.modeling.heads import last_token_scores, load_reward_model
+from dialoop.sim.gold import gold_report
+from dialoop.sim.prompts import Prompt, generate_prompts
+from dialoop.train.metrics import read_metrics
+from dialoop.train.reward import encode_reply, pad_right
+
+log = logging.getLogger(__name__)
+
+REPORT_VERSION = 1
+
+
+@dataclass
+class EvalConfig:
+    """What the report card samples: how many held-out prompts, and how."""
+
+    prompts: int = 128  # held-out prompts (the sim eval split)
+    seed: int = 0  # which prompts, and the per-row sampling seeds
+    max_new_tokens: int = 128
+    temperature: float = 0.7  # PPO's sampling temperature: the KL is measured where PPO holds it down
+    top_p: float = 1.0
+    batch_size: int = 32
+    rm_candidates: int = 4  # replies per prompt in the RM's held-out comparisons
+    rm_max_length: int = 512
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.prompts < 1:
+            raise ValueError(f"evaluation needs at least one prompt, got {self.prompts}")
+        if self.rm_candidates < 2:
+            raise ValueError(f"a comparison needs at least 2 candidates, got {self.rm_candidates}")
+
+    def sampling(self, row: int, offset: int = 0) -> SamplingParams:
+        """The sampling parameters of eval row `row` (the same for every model)."""
+        seed = (self.seed * 1_000_003 + offset * 100_003 + row) % 2**31
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, seed=seed)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to put on the card: its name on the card, its HF directory, the iteration that made it."""
+
+    name: str
+    path: Path
+    iteration: int | None = None
+
+
+@dataclass
+class ModelSamples:
+    """One model's replies to the eval prompts and what they scored."""
+
+    spec: ModelSpec
+    replies: list[Reply]
+    gold: list[float]
+    prompt_passed: list[float]
+    kl: list[float] | None = None  # to the reference; None when there is no reference
+    seconds: float = 0.0
+    extra: list[list[Reply]] = field(default_factory=list)  # more samples for the RM's comparisons
+
+
+def eval_prompts(config: EvalConfig) -> list[Prompt]:
+    """The held-out prompts of the card (the sim eval split: no train prompt text among them)."""
+    return generate_prompts(config.prompts, split="eval", seed=config.seed)
+
+
+def _chat(prompt: Prompt) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt.text}]
+
+
+def sample_replies(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    config: EvalConfig,
+    *,
+    offset: int = 0,
+    advance: Any = None,
+) -> list[Reply]:
+    """One reply per prompt, row i with `config.sampling(i, offset)`, in batches of `config.batch_size`."""
+    replies: list[Reply] = []
+    for start in range(0, len(prompts), config.batch_size):
+        chunk = prompts[start : start + config.batch_size]
+        params = [config.sampling(start + i, offset) for i in range(len(chunk))]
+        replies += generate_replies(
+            model, tokenizer, [_chat(p) for p in chunk], params, batch_size=config.batch_size
+        )
+        if advance is not None:
+            advance(len(chunk))
+    return replies
+
+
+def _score(prompts: Sequence[Prompt], replies: Sequence[Reply]) -> tuple[list[float], list[float]]:
+    reports = [gold_report(p, r.text, finished=r.finished) for p, r in zip(prompts, replies, strict=True)]
+    return [g.score for g in reports], [g.prompt_passed for g in reports]
+
+
+def _release(model: Any) -> None:
+    del model
+    gc.collect()
+
+
+def sample_models(
+    models: Sequence[ModelSpec],
+    prompts: Sequence[Prompt],
+    config: EvalConfig,
+    *,
+    reference: str | None = None,
+) -> list[ModelSamples]:
+    """Sample and gold-score every model; with a `reference` (a name in `models`), also its KL to it."""
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names on a card must be unique, got {names}")
+    if reference is not None and reference not in names:
+        raise ValueError(f"the reference {reference!r} is not among the models {names}")
+    ordered = sorted(models, key=lambda m: m.name != reference)  # the reference first: it stays loaded
+    ref_model: Any = None
+    done: dict[str, ModelSamples] = {}
+    extra_rows = max(0, config.rm_candidates - len(models))
+    for spec in ordered:
+        started = time.perf_counter()
+        model, tokenizer = load_model_and_tokenizer(spec.path, dtype=torch.float32)
+        last = spec is models[-1]
+        total = len(prompts) * (1 + (extra_rows if last else 0))
+        with stage_progress(f"eval {spec.name}", total, enabled=config.progress) as advance:
+            replies = sample_replies(model, tokenizer, prompts, config, advance=advance)
+            extra = [
+                sample_replies(model, tokenizer, prompts, config, offset=k + 1, advance=advance)
+                for k in range(extra_rows if last else 0)
+            ]
+        gold, passed = _score(prompts, replies)
+        kl: list[float] | None = None
+        if spec.name == reference:
+            kl = [0.0] * len(replies)  # the reference against itself: exactly 0, no need to compute
+            ref_model = model
+        elif ref_model is not None:
+            prompt_ids = [encode_prompt(tokenizer, _chat(p)) for p in prompts]
+            kl = sequence_kl(
+                model,
+                ref_model,
+                prompt_ids,
+                [Completion(r.token_ids, r.finished) for r in replies],
+                temperature=config.temperature,
+                batch_size=config.batch_size,
+                pad_token_id=pad_token_id(tokenizer),
+            )
+        if spec.name != reference:
+            _release(model)
+        seconds = time.perf_counter() - started
+        done[spec.name] = ModelSamples(spec, replies, gold, passed, kl, seconds, extra)
+        log.info("evaluated %s: gold %.3f in %.0fs", spec.name, mean(gold), seconds)
+    return [done[m.name] for m in models]
+
+
+@torch.no_grad()
+def reward_scores(
+    reward_model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    groups: Sequence[Sequence[str]],
+    config: EvalConfig,
+) -> list[list[float]]:
+    """The RM's score of each reply of each group, encoded exactly as the RM was trained (reply + EOS)."""
+    flat = [
+        encode_reply(tokenizer, _chat(p), text, config.rm_max_length)
+        for p, group in zip(prompts, groups, strict=True)
+        for text in group
+    ]
+    pad = pad_token_id(tokenizer)
+    device = next(reward_model.parameters()).device
+    order = sorted(range(len(flat)), key=lambda i: len(flat[i]))  # similar lengths together: less padding
+    scores = [0.0] * len(flat)
+    for start in range(0, len(order), config.batch_size):
+        chunk = order[start : start + config.batch_size]
+        batch = pad_right([flat[i] for i in chunk], pad, device)
+        values = last_token_scores(reward_model, batch["input_ids"], batch["attention_mask"]).tolist()
+        for i, v in zip(chunk, values, strict=True):
+            scores[i] = float(v)
+    out, pos = [], 0
+    for group in groups:
+        out.append(scores[pos : pos + len(group)])
+        pos += len(group)
+    return out
+
+
+def reward_model_accuracy(
+    path: Path, prompts: Sequence[Prompt], samples: Sequence[ModelSamples], config: EvalConfig
+) -> dict[str, Any]:
+    """Pairwise accuracy of the RM at `path` against the gold order on the eval prompts' replies."""
+    groups_text: list[list[str]] = []
+    groups_gold: list[list[float]] = []
+    for i, prompt in enumerate(prompts):
+        replies = [s.replies[i] for s in samples] + [extra[i] for s in samples for extra in s.extra]
+        groups_text.append([r.text for r in replies])
+        groups_gold.append([gold_report(prompt, r.text, finished=r.finished).score for r in replies])
+    started = time.perf_counter()
+    model = load_reward_model(path, dtype=torch.float32)
+    tokenizer = load_tokenizer(path)
+    predicted = reward_scores(model, tokenizer, prompts, groups_text, config)
+    _release(model)
+    accuracy, pairs = pair_accuracy(predicted, groups_gold)
+    return {
+        "path": str(path),
+        "accuracy": accuracy,
+        "pairs": pairs,
+        "prompts": len(prompts),
+        "candidates_per_prompt": len(groups_text[0]) if groups_text else 0,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def ppo_curves(iteration: int | None, run_dir: Path) -> dict[str, Any]:
+    """RM score and KL per step of a PPO run, from its `metrics.jsonl`."""
+    rows = [r for r in read_metrics(run_dir, "train") if "score" in r and "kl" in r]
+    return {
+        "iteration": iteration,
+        "run_dir": str(run_dir),
+        "step": [int(r["step"]) for r in rows],
+        "score": [r["score"] for r in rows],
+        "kl": [r["kl"] for r in rows],
+        "reply_length": [r.get("reply_length") for r in rows],
+    }
+
+
+def _model_card(s: ModelSamples, prompts: Sequence[Prompt], reference: ModelSamples | None) -> dict[str, Any]:
+    kinds = sorted({p.kind for p in prompts})
+    by_kind = {k: mean([g for g, p in zip(s.gold, prompts, strict=True) if p.kind == k]) for k in kinds}
+    lengths = [len(r.token_ids) for r in s.replies]
+    return {
+        "name": s.spec.name,
+        "path": str(s.spec.path),
+        "iteration": s.spec.iteration,
+        "gold_mean": mean(s.gold),
+        "gold_stderr": stderr(s.gold),
+        "gold_by_kind": by_kind,
+        "instructions_followed": mean(s.prompt_passed),
+        "win_rate_vs_sft": win_rate(s.gold, reference.gold) if reference is not None else None,
+        "eos_rate": mean([1.0 if r.finished else 0.0 for r in s.replies]),
+        "mean_length_tokens": mean([float(n) for n in lengths]),
+        "mean_length_words": mean([float(len(r.text.split())) for r in s.replies]),
+        "kl_to_sft": mean(s.kl) if s.kl is not None else None,
+        "seconds": round(s.seconds, 2),
+    }
+
+
+def evaluate_models(
+    models: Sequence[ModelSpec],
+    *,
+    sft: str | None = None,
+    reward_model: Path | None = None,
+    config: EvalConfig | None = None,
+    ppo_runs: Sequence[tuple[int | None, Path]] = (),
+    stage_seconds: Mapping[str, float] | None = None,
+) -> tuple[dict[str, Any], list[ModelSamples]]:
+    """The report card of `models` (in the loop's order); `sft` names the one that wins and KL compare to.
+
+    Returns the report (JSON-ready; `write_report` renders it) and the samples behind it.
+    """
+    if not models:
+        raise ValueError("nothing to evaluate: give at least one model")
+    config = config or EvalConfig()
+    started = time.perf_counter()
+    prompts = eval_prompts(config)
+    samples = sample_models(models, prompts, config, reference=sft)
+    ref = next((s for s in samples if s.spec.name == sft), None)
+    rm = reward_model_accuracy(reward_model, prompts, samples, config) if reward_model is not None else None
+    seconds = dict(stage_seconds or {})
+    seconds["evaluation"] = round(time.perf_counter() - started, 2)
+    kinds = [p.kind for p in prompts]
+    report = {
+        "version": REPORT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "eval": {
+            **dataclasses.asdict(config),
+            "split": "eval",
+            "prompt_kinds": {k: kinds.count(k) for k in sorted(set(kinds))},
+        },
+        "sft": sft,
+        "models": [_model_card(s, prompts, ref) for s in samples],
+        "reward_model": rm,
+        "ppo": [ppo_curves(it, Path(d)) for it, d in ppo_runs],
+        "stage_seconds": seconds,
+        "examples": _examples(prompts, samples),
+    }
+    return report, samples
+
+
+def _examples(prompts: Sequence[Prompt], samples: Sequence[ModelSamples], n: int = 6) -> list[dict[str, Any]]:
+    """The first `n` prompts with every model's reply and gold score, for a reader to see the change."""
+    return [
+        {
+            "prompt": p.text,
+            "checks": [str(c) for c in p.checks],
+            "replies": {
+                s.spec.name: {"text": s.replies[i].text, "finished": s.replies[i].finished, "gold": s.gold[i]}
+                for s in samples
+            },
+        }
+        for i, p in enumerate(prompts[:n])
+    ]
+
+
+def targets(report: Mapping[str, Any], *, base: str, sft: str, policy: str) -> dict[str, Any]:
+    """The loop's goals on this card: gold(policy) > gold(SFT) > gold(base), win rate >= 60%, RM >= 70%."""
+    cards = {m["name"]: m for m in report["models"]}
+    gold = {k: cards[v]["gold_mean"] for k, v in (("base", base), ("sft", sft), ("policy", policy))}
+    win = cards[policy]["win_rate_vs_sft"]
+    rm = report.get("reward_model") or {}
+    acc = rm.get("accuracy")
+    return {
+        "gold_policy_gt_sft": gold["policy"] > gold["sft"],
+        "gold_sft_gt_base": gold["sft"] > gold["base"],
+        "win_rate_vs_sft_ge_60": win is not None and not math.isnan(win) and win >= 0.6,
+        "rm_accuracy_ge_70": acc is not None and not math.isnan(acc) and acc >= 0.7,
+    }

@@ -1,0 +1,188 @@
+"""Writing the report card: `report.json`, the PNG plots, and `report.html`, a page that shows them.
+
+The JSON is the record (other tools read it); the HTML is made from it alone, with no script or style
+from the network, so a copied report directory still opens anywhere.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dialoop.evaluate.card import ModelSamples
+from dialoop.evaluate.plots import plot_gold, plot_lengths, plot_ppo_curves
+
+PLOTS = {"ppo": "ppo_steps.png", "gold": "gold_per_iteration.png", "length": "reply_length.png"}
+
+
+def _json_ready(value: Any) -> Any:
+    """NaN and infinities become null: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(report: dict[str, Any], out_dir: Path, samples: Sequence[ModelSamples] = ()) -> Path:
+    """Write `report.json`, the plots and `report.html` into `out_dir`; returns the HTML's path.
+
+    With `samples`, every reply goes to `samples.jsonl` too (prompt, model, reply, gold score)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots: dict[str, str] = {}
+    if report.get("ppo"):
+        plot_ppo_curves(report["ppo"], out_dir / PLOTS["ppo"])
+        plots["ppo"] = PLOTS["ppo"]
+    plot_gold(report["models"], out_dir / PLOTS["gold"])
+    plots["gold"] = PLOTS["gold"]
+    if samples:
+        plot_lengths(
+            {s.spec.name: [len(r.token_ids) for r in s.replies] for s in samples}, out_dir / PLOTS["length"]
+        )
+        plots["length"] = PLOTS["length"]
+        lines = [
+            json.dumps(
+                {"model": s.spec.name, "row": i, "reply": r.text, "finished": r.finished, "gold": s.gold[i]}
+            )
+            for s in samples
+            for i, r in enumerate(s.replies)
+        ]
+        _write_atomic(out_dir / "samples.jsonl", "\n".join(lines) + "\n")
+    report["plots"] = plots
+    _write_atomic(out_dir / "report.json", json.dumps(_json_ready(report), indent=2) + "\n")
+    html_path = out_dir / "report.html"
+    _write_atomic(html_path, render_html(report))
+    return html_path
+
+
+def _fmt(value: Any, digits: int = 3, percent: bool = False) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{100 * value:.1f}%" if percent else f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(report: Mapping[str, Any]) -> str:
+    """The report as one HTML page (inline style, images by relative path)."""
+    models = report["models"]
+    model_rows = [
+        [
+            html.escape(m["name"]),
+            _fmt(m["iteration"]),
+            f"{_fmt(m['gold_mean'])} ± {_fmt(m['gold_stderr'])}",
+            _fmt(m["win_rate_vs_sft"], percent=True),
+            _fmt(m["eos_rate"], percent=True),
+            _fmt(m["mean_length_tokens"], 1),
+            _fmt(m["mean_length_words"], 1),
+            _fmt(m["kl_to_sft"], 2),
+            _fmt(m["instructions_followed"], percent=True),
+            ", ".join(f"{html.escape(k)} {_fmt(v, 2)}" for k, v in m["gold_by_kind"].items()),
+        ]
+        for m in models
+    ]
+    parts = [
+        "<h1>Dialoop report card</h1>",
+        f"<p>{report['eval']['prompts']} held-out prompts (sim eval split), up to "
+        f"{report['eval']['max_new_tokens']} new tokens at temperature {report['eval']['temperature']}; "
+        f"win rate and KL against <b>{_fmt(report.get('sft'))}</b>. Created {_fmt(report['created'])}.</p>",
+        "<h2>Models</h2>",
+        _table(
+            [
+                "model",
+                "iteration",
+                "gold score",
+                "win rate vs SFT",
+                "EOS rate",
+                "length (tokens)",
+                "length (words)",
+                "KL to SFT",
+                "instructions followed",
+                "gold by kind",
+            ],
+            model_rows,
+        ),
+    ]
+    if report.get("targets"):
+        parts += [
+            "<h2>Targets</h2>",
+            _table(["target", "met"], [[html.escape(k), _fmt(v)] for k, v in report["targets"].items()]),
+        ]
+    rm = report.get("reward_model")
+    if rm:
+        parts += [
+            "<h2>Reward model</h2>",
+            "<p>Pairwise accuracy against the noise-free gold order: "
+            f"<b>{_fmt(rm['accuracy'], percent=True)}</b> "
+            f"on {rm['pairs']} pairs with different gold scores ({rm['prompts']} held-out prompts, "
+            f"{rm['candidates_per_prompt']} replies each). Model: <code>{_fmt(rm['path'])}</code></p>",
+        ]
+    plots = report.get("plots", {})
+    if plots:
+        parts.append("<h2>Plots</h2>")
+        parts += [f'<img src="{html.escape(name)}" alt="{html.escape(key)}">' for key, name in plots.items()]
+    seconds = report.get("stage_seconds", {})
+    if seconds:
+        rows = [[html.escape(k), _fmt(float(v), 1)] for k, v in seconds.items()]
+        rows.append(["<b>total</b>", f"<b>{_fmt(float(sum(seconds.values())), 1)}</b>"])
+        parts += ["<h2>Wall time per stage (seconds)</h2>", _table(["stage", "seconds"], rows)]
+    examples = report.get("examples", [])
+    if examples:
+        parts.append("<h2>Examples</h2>")
+        for ex in examples:
+            checks = ", ".join(ex["checks"]) or "no check"
+            rows = [
+                [
+                    html.escape(name),
+                    _fmt(r["gold"], 2),
+                    _fmt(r["finished"]),
+                    f"<pre>{html.escape(r['text'])}</pre>",
+                ]
+                for name, r in ex["replies"].items()
+            ]
+            parts += [
+                f"<h3>{html.escape(ex['prompt'])}</h3><p class=checks>{html.escape(checks)}</p>",
+                _table(["model", "gold", "ended", "reply"], rows),
+            ]
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
+        "th{background:#f3f3f3}img{max-width:100%;display:block;margin:1em 0}"
+        "pre{white-space:pre-wrap;margin:0;font-size:0.9em}.checks{color:#666}"
+    )
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>Dialoop report card</title>'
+        f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
+    )

@@ -1,0 +1,615 @@
+"""One iteration of the loop: datasets from the store, train, evaluate, register, deploy.
+
+    dialoop iterate                          # the configured store; runs go to DIALOOP_HOME/runs/iter-N
+    dialoop iterate --ppo-steps 40 --no-deploy
+
+Stages, each only when it has something new to learn from:
+- SFT on every demonstration (submitted or accepted), from the base model, when there are new ones;
+- the reward model on ALL rankings, from the SFT model, when there are new rankings (or a new SFT);
+- PPO from the previous policy of the same SFT model (or from SFT), KL to SFT, against the new RM;
+- the report card of the new models (optional), then the new policy is served (optional).
+Each trained model is registered as a `ModelVersion` with its parent, and each training attempt as a
+`TrainingRun` recording exactly which rows it used (ids) and a snapshot hash of the examples.
+
+Resumable: a stage whose run is done is never redone; a stage that was interrupted (crash, kill, error)
+continues from its last checkpoint (the trainers' resume) when its data is still exactly the same, and
+starts over on the current data otherwise. This file holds no training math: it calls `dialoop.train`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from dialoop.evaluate.card import EvalConfig, ModelSpec, evaluate_models
+from dialoop.evaluate.report import write_report
+from dialoop.formats import ChatExample, RankingExample, ranking_examples_from_store, snapshot_hash
+from dialoop.formats.store_io import conversation_chats
+from dialoop.modeling import resolve_model
+from dialoop.settings import settings
+from dialoop.store.db import session_scope
+from dialoop.store.models import Conversation, ModelVersion, Ranking, TrainingRun
+from dialoop.store.registry import (
+    fail_run,
+    finish_run,
+    model_version_by_name,
+    register_model_version,
+    set_served,
+    start_run,
+)
+from dialoop.train.common import SUMMARY_FILE, write_json_atomic
+from dialoop.train.config import RewardConfig, SFTConfig, TrainConfig
+from dialoop.train.ppo import PPOConfig, prompts_of_chats
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "iteration.json"
+DEMONSTRATION_STATUSES = ("submitted", "accepted")
+VERSION_PREFIX = {"sft": "sft", "rm": "rm", "ppo": "policy"}
+StageHook = Callable[[str, str], None]
+
+
+class NothingToTrain(RuntimeError):
+    """The store holds no demonstration or ranking that the last iteration did not already learn from."""
+
+
+@dataclass
+class IterationConfig:
+    """Knobs of one iteration; each stage's config holds its training knobs (the loop sets out and model)."""
+
+    base_model: str | None = None  # what SFT starts from (dir or hub id; None: the embedded default)
+    work_dir: Path | None = None  # runs go to WORK_DIR/iter-N/<stage> (default: DIALOOP_HOME/runs)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    evaluate: EvalConfig | None = field(default_factory=EvalConfig)  # None: no report card
+    demonstration_statuses: tuple[str, ...] = DEMONSTRATION_STATUSES
+    deploy: bool = True  # serve the new policy when the iteration ends
+    seed: int = 0
+    progress: bool = True
+    on_stage: StageHook | None = None  # called with (stage, "start" | "done" | "reused" | "skipped")
+
+
+@dataclass
+class StageResult:
+    """What an iteration did in one stage."""
+
+    stage: str  # sft | rm | ppo | eval
+    status: str  # trained | resumed | done (in an earlier attempt) | reused | skipped
+    version_id: int | None = None
+    path: str | None = None
+    run_id: int | None = None
+    seconds: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class IterationResult:
+    iteration: int
+    work_dir: Path
+    stages: dict[str, StageResult]
+    base_version_id: int
+    sft_version_id: int
+    rm_version_id: int | None
+    policy_version_id: int  # the newest policy: PPO's, or SFT's when no PPO ran
+    report: dict[str, Any] | None = None
+
+
+# --- data from the store ---------------------------------------------------------------------------
+
+
+@dataclass
+class StageData:
+    """The exact rows a stage trains on, and the examples built from them."""
+
+    record: dict[str, Any]  # what the TrainingRun stores: ids, counts, snapshot hash
+    examples: list[Any]
+
+
+def _chats_of(session: Session, conversation_ids: Sequence[int]) -> list[list[dict[str, str]]]:
+    query = select(Conversation).where(Conversation.id.in_(list(conversation_ids))).order_by(Conversation.id)
+    return list(conversation_chats(session, query))
+
+
+def demonstration_ids(session: Session, statuses: Sequence[str]) -> list[int]:
+    """Ids of the demonstrations SFT learns from: those in `statuses` (drafts and rejected ones never)."""
+    query = select(Conversation.id).where(
+        Conversation.kind == "demonstration", Conversation.status.in_(list(statuses))
+    )
+    return list(session.scalars(query.order_by(Conversation.id)))
+
+
+def sft_data(session: Session, conversation_ids: Sequence[int]) -> StageData:
+    """Every root-to-leaf path ending with an assistant turn of these demonstrations."""
+    examples = [
+        ChatExample(c) for c in _chats_of(session, conversation_ids) if c and c[-1]["role"] == "assistant"
+    ]
+    record = {
+        "kind": "demonstrations",
+        "conversation_ids": sorted(conversation_ids),
+        "examples": len(examples),
+        "snapshot_hash": snapshot_hash(examples),
+    }
+    return StageData(record, examples)
+
+
+def ranking_ids(session: Session) -> list[int]:
+    """Ids of every ranking that is not a skip."""
+    return list(session.scalars(select(Ranking.id).where(Ranking.skip_reason.is_(None)).order_by(Ranking.id)))
+
+
+def rm_data(session: Session, ids: Sequence[int]) -> StageData:
+    """The rankings `ids` as RM examples (the formats layer builds them per task)."""
+    rows = session.execute(select(Ranking.id, Ranking.task_id).where(Ranking.id.in_(list(ids)))).all()
+    task_ids = sorted({t for _, t in rows})
+    examples: list[RankingExample] = ranking_examples_from_store(session, task_ids=task_ids)
+    record = {
+        "kind": "rankings",
+        "ranking_ids": sorted(ids),
+        "task_ids": task_ids,
+        "examples": len(examples),
+        "snapshot_hash": snapshot_hash(examples),
+    }
+    return StageData(record, examples)
+
+
+def prompt_conversation_ids(session: Session) -> list[int]:
+    """Conversations whose user turns are PPO prompts: demonstrations (not rejected) and chats."""
+    query = select(Conversation.id).where(
+        (Conversation.kind == "chat")
+        | ((Conversation.kind == "demonstration") & (Conversation.status != "rejected"))
+    )
+    return list(session.scalars(query.order_by(Conversation.id)))
+
+
+def ppo_data(session: Session, conversation_ids: Sequence[int]) -> StageData:
+    """Every distinct conversation prefix that ends with a user turn: the prompts PPO samples replies to."""
+    prompts = prompts_of_chats(_chats_of(session, conversation_ids))
+    examples = [ChatExample(p) for p in prompts]
+    record = {
+        "kind": "prompts",
+        "conversation_ids": sorted(conversation_ids),
+        "examples": len(examples),
+        "snapshot_hash": snapshot_hash(examples),
+    }
+    return StageData(record, prompts)
+
+
+# --- the iteration's state ------------------------------------------------------------------------
+
+
+def _iteration_dirs(work_dir: Path) -> dict[int, Path]:
+    out = {}
+    for path in work_dir.glob("iter-*"):
+        suffix = path.name.removeprefix("iter-")
+        if path.is_dir() and suffix.isdigit():
+            out[int(suffix)] = path
+    return out
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    file = path / STATE_FILE
+    return json.loads(file.read_text()) if file.exists() else {}
+
+
+def _open_iteration(session: Session, work_dir: Path) -> tuple[int, dict[str, Any]]:
+    """The unfinished iteration to continue, or the number of a new one, and its state."""
+    dirs = _iteration_dirs(work_dir)
+    for number in sorted(dirs, reverse=True):
+        state = _read_state(dirs[number])
+        if state.get("status") != "done":
+            return number, state or {"iteration": number, "status": "running", "stages": {}}
+        break
+    last_run = session.scalar(select(func.max(TrainingRun.iteration))) or 0
+    number = max([last_run, *dirs]) + 1
+    return number, {"iteration": number, "status": "running", "stages": {}}
+
+
+@contextlib.contextmanager
+def _exclusive(work_dir: Path) -> Iterator[None]:
+    """One iteration at a time per work dir; the OS drops the lock when the process dies."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with open(work_dir / ".iterate.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another iteration is running in {work_dir}") from None
+        yield
+
+
+def ensure_base_version(session: Session, path: str | Path) -> ModelVersion:
+    """The policy version of the base model at `path`, registered (as `base`, `base-2`, ...) if new."""
+    found = session.scalars(
+        select(ModelVersion)
+        .where(ModelVersion.path == str(path), ModelVersion.kind == "policy", ModelVersion.run_id.is_(None))
+        .order_by(ModelVersion.id)
+    ).first()
+    if found is not None:
+        return found
+    name, k = "base", 1
+    while model_version_by_name(session, name) is not None:
+        k += 1
+        name = f"base-{k}"
+    return register_model_version(session, name=name, kind="policy", path=path)
+
+
+def _latest_done(
+    session: Session, stage: str, before: int | None = None
+) -> tuple[TrainingRun, ModelVersion] | None:
+    """The newest finished run of `stage` (before iteration `before`) and the version it produced."""
+    query = select(TrainingRun, ModelVersion).join(ModelVersion, ModelVersion.run_id == TrainingRun.id)
+    query = query.where(TrainingRun.stage == stage, TrainingRun.status == "done")
+    if before is not None:
+        query = query.where(TrainingRun.iteration < before)
+    row = session.execute(query.order_by(TrainingRun.id.desc())).first()
+    return (row[0], row[1]) if row is not None else None
+
+
+def _runs_of(session: Session, iteration: int, stage: str) -> list[TrainingRun]:
+    query = select(TrainingRun).where(TrainingRun.iteration == iteration, TrainingRun.stage == stage)
+    return list(session.scalars(query.order_by(TrainingRun.id)))
+
+
+def _version_of_run(session: Session, run_id: int) -> ModelVersion | None:
+    return session.scalars(select(ModelVersion).where(ModelVersion.run_id == run_id)).first()
+
+
+# --- one stage -------------------------------------------------------------------------------------
+
+
+@dataclass
+class StagePlan:
+    """A stage to train: its config (out and model set), its data, and what its version descends from."""
+
+    stage: str
+    config: TrainConfig
+    data: StageData
+    parent_id: int
+    loop: dict[str, Any]  # the loop's own facts about the run (init and reference versions)
+
+
+def _train(plan: StagePlan, extra: dict[str, Any]) -> Path:
+    """Run the stage's trainer; returns the run dir that holds the model."""
+    if plan.stage == "sft":
+        from dialoop.train.sft import train_sft
+
+        assert isinstance(plan.config, SFTConfig)
+        return train_sft(plan.config, plan.data.examples)
+    if plan.stage == "rm":
+        from dialoop.train.reward import train_reward_model
+
+        assert isinstance(plan.config, RewardConfig)
+        return train_reward_model(plan.config, plan.data.examples, references=extra.get("references"))
+    from dialoop.train.ppo import train_ppo
+
+    assert isinstance(plan.config, PPOConfig)
+    return train_ppo(plan.config, plan.data.examples, demonstrations=extra.get("demonstrations"))
+
+
+def _config_from_record(cls: type[TrainConfig], record: dict[str, Any]) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in record.items() if k in names})
+
+
+def _run_stage(
+    engine: Engine,
+    iteration: int,
+    plan: StagePlan,
+    rebuild: Callable[[Session, dict[str, Any]], StageData],
+    extra: dict[str, Any],
+) -> StageResult:
+    """Train one stage as a TrainingRun (resuming an interrupted attempt) and register its version."""
+    run_dir = Path(plan.config.out or "")
+    status = "trained"
+    with session_scope(engine) as session:
+        attempts = _runs_of(session, iteration, plan.stage)
+        for run in attempts:
+            if run.status == "running":  # its process died without a word: it was interrupted
+                fail_run(session, run, "interrupted (the process stopped during the run)")
+        if not attempts:
+            _clear_run_dir(run_dir)  # left by a run the store does not know (e.g. a store reset)
+        else:
+            last = attempts[-1]
+            same = rebuild(session, last.data)
+            if same.record["snapshot_hash"] == last.data.get("snapshot_hash"):
+                # the same data: continue the interrupted attempt from its checkpoint, with its config
+                plan.config = _config_from_record(type(plan.config), last.config)
+                plan.data, plan.loop = same, dict(last.config.get("loop", {}))
+                status = "resumed"
+            else:
+                log.warning("%s: the data changed since the interrupted run: starting over", plan.stage)
+                _clear_run_dir(run_dir)
+        plan.config.resume = status == "resumed" and run_dir.exists()
+        run = start_run(
+            session,
+            plan.stage,
+            {**plan.config.to_json(), "loop": plan.loop},
+            plan.data.record,
+            run_dir,
+            iteration,
+        )
+        run_id = run.id
+    started = time.perf_counter()
+    try:
+        if (run_dir / SUMMARY_FILE).exists():
+            log.info("%s: %s already holds the finished model", plan.stage, run_dir)
+        else:
+            _train(plan, extra)
+    except BaseException as exc:
+        with session_scope(engine) as session:
+            fail_run(session, session.get_one(TrainingRun, run_id), f"{type(exc).__name__}: {exc}")
+        raise
+    seconds = time.perf_counter() - started
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    with session_scope(engine) as session:
+        run = session.get_one(TrainingRun, run_id)
+        # the run and its version commit together: a finished run always has its version
+        finish_run(session, run, {**summary, "wall_seconds": round(seconds, 2)})
+        version = register_model_version(
+            session,
+            name=f"{VERSION_PREFIX[plan.stage]}-{iteration}",
+            kind="reward" if plan.stage == "rm" else "policy",
+            path=run_dir,
+            parent=plan.parent_id,
+            run=run,
+            metrics=summary,
+        )
+        version_id = version.id
+    return StageResult(plan.stage, status, version_id, str(run_dir), run_id, seconds)
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+
+
+def _done_before(session: Session, iteration: int, stage: str) -> StageResult | None:
+    """The result of a stage an earlier attempt at this iteration finished, if any."""
+    for run in reversed(_runs_of(session, iteration, stage)):
+        version = _version_of_run(session, run.id) if run.status == "done" else None
+        if version is not None:
+            return StageResult(
+                stage, "done", version.id, version.path, run.id, 0.0, "finished in an earlier attempt"
+            )
+    return None
+
+
+# --- the iteration ---------------------------------------------------------------------------------
+
+NEW = ("trained", "resumed", "done")  # statuses of a stage that made a new model in this iteration
+
+
+def _stage_config(template: TrainConfig, out: Path, model: str, seed: int, progress: bool) -> Any:
+    config = dataclasses.replace(template, out=out, model=model, seed=seed, resume=False, progress=progress)
+    if isinstance(config, RewardConfig):
+        config.sft = None  # `model` is where the RM starts
+    return config
+
+
+class _Iteration:
+    """The state of one iteration while it runs: its number, dir, stage results and the state file."""
+
+    def __init__(self, engine: Engine, config: IterationConfig, work_dir: Path) -> None:
+        self.engine, self.config = engine, config
+        self.hook: StageHook = config.on_stage or (lambda stage, status: None)
+        with session_scope(engine) as session:
+            self.number, self.state = _open_iteration(session, work_dir)
+            base = ensure_base_version(session, resolve_model(config.base_model))
+            self.base_id, self.base_path = base.id, base.path
+        self.dir = work_dir / f"iter-{self.number}"
+        self.stages = {k: StageResult(**v) for k, v in self.state.get("stages", {}).items()}
+        self.seed = config.seed * 1000 + self.number
+
+    def save(self, status: str = "running") -> None:
+        self.state.update(
+            iteration=self.number,
+            status=status,
+            stages={k: dataclasses.asdict(v) for k, v in self.stages.items()},
+        )
+        write_json_atomic(self.dir / STATE_FILE, self.state)
+
+    def stage(
+        self,
+        name: str,
+        decide: Callable[[], StageResult | StagePlan],
+        rebuild: Callable[[Session, dict[str, Any]], StageData],
+        extra: dict[str, Any] | None = None,
+    ) -> StageResult:
+        """The stage's result: recorded already, finished by an earlier attempt, or made now."""
+        if name in self.stages:
+            return self.stages[name]
+        with session_scope(self.engine) as session:
+            result = _done_before(session, self.number, name)
+        if result is None:
+            decision = decide()
+            if isinstance(decision, StagePlan):
+                self.hook(name, "start")
+                result = _run_stage(self.engine, self.number, decision, rebuild, extra or {})
+                self.hook(name, "done")
+            else:
+                result = decision
+                self.hook(name, result.status)
+        self.stages[name] = result
+        self.save()
+        return result
+
+    def config_for(self, template: TrainConfig, stage: str, model: str) -> Any:
+        return _stage_config(template, self.dir / stage, model, self.seed, self.config.progress)
+
+
+def run_iteration(engine: Engine, config: IterationConfig | None = None) -> IterationResult:
+    """Run (or continue) one iteration on the store behind `engine`; see the module docstring.
+
+    Raises `NothingToTrain` when the store holds nothing new since the last iteration."""
+    config = config or IterationConfig()
+    work_dir = Path(config.work_dir or settings().home / "runs").resolve()
+    with _exclusive(work_dir):
+        it = _Iteration(engine, config, work_dir)
+        it.dir.mkdir(parents=True, exist_ok=True)
+        it.save()
+        log.info("iteration %d in %s", it.number, it.dir)
+        sft = it.stage(
+            "sft", lambda: _decide_sft(it), lambda s, rec: sft_data(s, rec.get("conversation_ids", []))
+        )
+        rm = it.stage(
+            "rm", lambda: _decide_rm(it, sft), lambda s, rec: rm_data(s, rec.get("ranking_ids", []))
+        )
+        extra: dict[str, Any] = {}
+        if config.ppo.ptx_coef > 0:
+            with session_scope(engine) as session:
+                ids = demonstration_ids(session, config.demonstration_statuses)
+                extra["demonstrations"] = sft_data(session, ids).examples
+        ppo = it.stage(
+            "ppo",
+            lambda: _decide_ppo(it, sft, rm),
+            lambda s, rec: ppo_data(s, rec.get("conversation_ids", [])),
+            extra,
+        )
+        if not any(s.status in NEW for s in it.stages.values()):
+            last = it.number - 1
+            _clear_run_dir(it.dir)
+            raise NothingToTrain(
+                "nothing new to learn from: no new demonstrations or rankings"
+                + (f" since iteration {last}" if last > 0 else " in the store")
+            )
+        policy = ppo if ppo.version_id is not None else sft
+        assert sft.version_id is not None and policy.version_id is not None and policy.path is not None
+        report = None
+        if config.evaluate is not None and "eval" not in it.stages:
+            report = _evaluate(it, config.evaluate, sft, rm, ppo)
+        if config.deploy:
+            with session_scope(engine) as session:
+                set_served(session, policy.version_id)
+        it.save("done")
+        log.info("iteration %d done: policy version %d", it.number, policy.version_id)
+        return IterationResult(
+            iteration=it.number,
+            work_dir=it.dir,
+            stages=it.stages,
+            base_version_id=it.base_id,
+            sft_version_id=sft.version_id,
+            rm_version_id=rm.version_id,
+            policy_version_id=policy.version_id,
+            report=report,
+        )
+
+
+def _decide_sft(it: _Iteration) -> StageResult | StagePlan:
+    """SFT on every demonstration, from the base model, when some are new."""
+    with session_scope(it.engine) as session:
+        ids = demonstration_ids(session, it.config.demonstration_statuses)
+        previous = _latest_done(session, "sft", before=it.number)
+        if previous is not None and set(ids) <= set(previous[0].data.get("conversation_ids", [])):
+            run, version = previous
+            return StageResult(
+                "sft", "reused", version.id, version.path, run.id, note="no new demonstrations"
+            )
+        if not ids:
+            return StageResult(
+                "sft", "skipped", it.base_id, it.base_path, note="no demonstrations: the base model"
+            )
+        data = sft_data(session, ids)
+    config = it.config_for(it.config.sft, "sft", it.base_path)
+    return StagePlan("sft", config, data, it.base_id, {"init_version_id": it.base_id})
+
+
+def _decide_rm(it: _Iteration, sft: StageResult) -> StageResult | StagePlan:
+    """The RM on all rankings, from the SFT model, when the rankings or the SFT model are new."""
+    assert sft.version_id is not None and sft.path is not None
+    with session_scope(it.engine) as session:
+        ids = ranking_ids(session)
+        if not ids:
+            return StageResult("rm", "skipped", note="no rankings yet")
+        previous = _latest_done(session, "rm", before=it.number)
+        if previous is not None:
+            run, version = previous
+            same_init = run.config.get("loop", {}).get("init_version_id") == sft.version_id
+            if same_init and set(ids) <= set(run.data.get("ranking_ids", [])):
+                return StageResult("rm", "reused", version.id, version.path, run.id, note="no new rankings")
+        data = rm_data(session, ids)
+    config = it.config_for(it.config.rm, "rm", sft.path)
+    return StagePlan("rm", config, data, sft.version_id, {"init_version_id": sft.version_id})
+
+
+def _decide_ppo(it: _Iteration, sft: StageResult, rm: StageResult) -> StageResult | StagePlan:
+    """PPO against the RM from the newest policy trained from this SFT model (else from SFT itself)."""
+    assert sft.version_id is not None and sft.path is not None
+    if rm.version_id is None or rm.path is None:
+        return StageResult("ppo", "skipped", note="no reward model yet")
+    if sft.status not in NEW and rm.status not in NEW:
+        return StageResult("ppo", "skipped", note="no new data since the last PPO run")
+    init_id, init_path = sft.version_id, sft.path
+    with session_scope(it.engine) as session:
+        previous = _latest_done(session, "ppo", before=it.number)
+        if (
+            previous is not None
+            and previous[0].config.get("loop", {}).get("sft_version_id") == sft.version_id
+        ):
+            init_id, init_path = previous[1].id, previous[1].path
+        data = ppo_data(session, prompt_conversation_ids(session))
+    if not data.examples:
+        return StageResult("ppo", "skipped", note="no prompts in the store")
+    config = it.config_for(it.config.ppo, "ppo", init_path)
+    config.reward_model = rm.path
+    config.value_model = None  # the value model starts as this iteration's RM
+    loop = {"init_version_id": init_id, "sft_version_id": sft.version_id, "rm_version_id": rm.version_id}
+    return StagePlan("ppo", config, data, init_id, loop)
+
+
+def _evaluate(
+    it: _Iteration, eval_config: EvalConfig, sft: StageResult, rm: StageResult, ppo: StageResult
+) -> dict[str, Any]:
+    """The report card of this iteration's models (base and SFT, or SFT and the new policy)."""
+    assert sft.path is not None
+    it.hook("eval", "start")
+    started = time.perf_counter()
+    models = [ModelSpec("sft", Path(sft.path))]
+    names = {"sft": sft.version_id}
+    if ppo.path is not None:
+        models.append(ModelSpec(f"policy-{it.number}", Path(ppo.path), it.number))
+        names[f"policy-{it.number}"] = ppo.version_id
+    else:
+        models.insert(0, ModelSpec("base", Path(it.base_path)))
+    report, samples = evaluate_models(
+        models,
+        sft="sft",
+        reward_model=Path(rm.path) if rm.path is not None else None,
+        config=dataclasses.replace(eval_config, progress=it.config.progress),
+        ppo_runs=[(it.number, Path(ppo.path))] if ppo.status in NEW and ppo.path is not None else [],
+        stage_seconds={k: round(v.seconds, 2) for k, v in it.stages.items()},
+    )
+    write_report(report, it.dir / "report", samples)
+    with session_scope(it.engine) as session:
+        record_cards(session, report, names, rm.version_id)
+    it.stages["eval"] = StageResult(
+        "eval", "trained", path=str(it.dir / "report"), seconds=time.perf_counter() - started
+    )
+    it.hook("eval", "done")
+    it.save()
+    return report
+
+
+def record_cards(
+    session: Session, report: dict[str, Any], versions: dict[str, int | None], rm_version_id: int | None
+) -> None:
+    """Store each model's report card in its version's metrics (key `eval`), the RM's accuracy in the RM's."""
+    for card in report["models"]:
+        version_id = versions.get(card["name"])
+        if version_id is not None:
+            version = session.get_one(ModelVersion, version_id)
+            version.metrics = {**(version.metrics or {}), "eval": card}
+    if rm_version_id is not None and report.get("reward_model"):
+        version = session.get_one(ModelVersion, rm_version_id)
+        version.metrics = {**(version.metrics or {}), "eval": report["reward_model"]}

@@ -1,0 +1,281 @@
+"""The reward model: K-way rankings -> a scalar reward per (prompt, reply), InstructGPT's loss.
+
+    dialoop train rm --sft runs/sft --out runs/rm                        # rankings from the store
+    dialoop train rm --data harmless-base-dev.jsonl.gz --format hh-rlhf --out runs/rm-hh
+
+The RM is an `AutoModelForSequenceClassification` with one label on the SFT model's backbone. A candidate is
+scored exactly as PPO will score a sample: the prompt through the chat template with the generation prompt,
+the reply, and EOS; the reward is read at that EOS (right padding, positions counting real tokens).
+Each of the K candidates of a ranking is scored by one forward pass, and one ranking is one batch element
+(`kway_ranking_loss`). After training, the bias (`config.dialoop_reward_bias`, see dialoop.modeling.heads)
+makes the mean reward of the reference replies 0; held-out pairwise accuracy goes to the run's metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from dialoop.formats.pairs import ordered_pairs
+from dialoop.formats.records import ChatExample, ChatMessage, RankingExample
+from dialoop.modeling import encode_prompt
+from dialoop.modeling.heads import reward_model_from_lm, set_reward_bias
+from dialoop.train.common import (
+    SUMMARY_FILE,
+    disable_dropout,
+    load_training_tokenizer,
+    make_accelerator,
+    prepare_run_dir,
+    resolve_base_model,
+    save_model,
+    seed_everything,
+    write_json_atomic,
+)
+from dialoop.train.config import RewardConfig
+from dialoop.train.data import split_heldout
+from dialoop.train.loop import finish_checkpoints, fit
+from dialoop.train.metrics import MetricsLogger
+
+logger = logging.getLogger(__name__)
+
+
+def kway_ranking_loss(rewards: torch.Tensor, better: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """InstructGPT's K-way loss: per ranking, the mean over its (better, worse) pairs of -log σ(r_b - r_w).
+
+    rewards [B, K]; better [B, K, K] bool, True where candidate i is ranked above j (tied pairs and all-bad
+    rankings have none). reduction "none" gives one loss per ranking (0 without pairs); "sum" adds them;
+    "mean" averages over the rankings that have pairs.
+    """
+    diff = rewards.unsqueeze(2) - rewards.unsqueeze(1)  # diff[b, i, j] = r_i - r_j
+    pair_losses = -F.logsigmoid(diff) * better
+    n_pairs = better.sum(dim=(1, 2))
+    per_ranking = pair_losses.sum(dim=(1, 2)) / n_pairs.clamp(min=1)
+    if reduction == "none":
+        return per_ranking
+    if reduction == "sum":
+        return per_ranking.sum()
+    if reduction == "mean":
+        has_pairs = n_pairs > 0
+        return per_ranking[has_pairs].mean() if bool(has_pairs.any()) else per_ranking.sum() * 0.0
+    raise ValueError(f"reduction must be none, sum or mean, got {reduction!r}")
+
+
+def pairwise_accuracy(rewards: torch.Tensor, better: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per ranking: how many of its ordered pairs the rewards order correctly, and how many pairs it has."""
+    correct = (rewards.unsqueeze(2) > rewards.unsqueeze(1)) & better
+    return correct.sum(dim=(1, 2)), better.sum(dim=(1, 2))
+
+
+@dataclass(frozen=True)
+class EncodedRanking:
+    """The K candidates of a ranking as token ids (prompt + reply + EOS), and its (better, worse) pairs."""
+
+    candidates: list[list[int]]
+    pairs: list[tuple[int, int]]
+
+
+def encode_reply(tokenizer: Any, prompt: list[ChatMessage], reply: str, max_length: int) -> list[int]:
+    """Prompt (chat template + generation prompt) + reply + EOS, cut to `max_length` tokens.
+
+    A long prompt loses its oldest tokens; a reply longer than 3/4 of `max_length` loses its end (it still
+    ends with EOS, where the reward is read).
+    """
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    reply_ids = list(tokenizer(reply, add_special_tokens=False)["input_ids"])
+    reply_cap = max(1, max_length - min(len(prompt_ids), max_length // 4) - 1)
+    reply_ids = [*reply_ids[:reply_cap], int(tokenizer.eos_token_id)]
+    keep = max_length - len(reply_ids)
+    return (
+        prompt_ids[len(prompt_ids) - keep :] + reply_ids if keep < len(prompt_ids) else prompt_ids + reply_ids
+    )
+
+
+def encode_ranking(tokenizer: Any, example: RankingExample, max_length: int) -> EncodedRanking:
+    return EncodedRanking(
+        [encode_reply(tokenizer, example.prompt, c, max_length) for c in example.completions],
+        ordered_pairs(example),
+    )
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded input ids, attention mask and position ids (counting real tokens)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "position_ids": positions.to(device),
+    }
+
+
+def score(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Raw rewards (before the bias) through the model's forward: the head at the last non-pad token."""
+    return model(**batch, use_cache=False).logits.squeeze(-1).float()
+
+
+def ranking_tensors(
+    batch: Sequence[EncodedRanking], rewards: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat candidate rewards -> [B, Kmax] rewards and the [B, Kmax, Kmax] `better` mask."""
+    k_max = max(len(r.candidates) for r in batch)
+    table = rewards.new_zeros((len(batch), k_max))
+    better = torch.zeros((len(batch), k_max, k_max), dtype=torch.bool, device=rewards.device)
+    offset = 0
+    for b, ranking in enumerate(batch):
+        k = len(ranking.candidates)
+        table[b, :k] = rewards[offset : offset + k]
+        offset += k
+        for i, j in ranking.pairs:
+            better[b, i, j] = True
+    return table, better
+
+
+def score_sequences(
+    accelerator: Accelerator, model: torch.nn.Module, seqs: Sequence[list[int]], pad_id: int, batch_size: int
+) -> list[float]:
+    """Raw rewards of many sequences without gradients, spread over the processes (every process gets all)."""
+    n_proc, rank = accelerator.num_processes, accelerator.process_index
+    # equal batch counts on every process: FSDP/ZeRO forwards are collectives
+    per_proc = -(-len(seqs) // n_proc)
+    mine = list(range(rank * per_proc, min(len(seqs), (rank + 1) * per_proc)))
+    n_batches = -(-per_proc // batch_size)
+    # long sequences together waste less compute on padding
+    mine.sort(key=lambda i: len(seqs[i]))
+    results: list[tuple[int, float]] = []
+    model.eval()
+    with torch.no_grad():
+        for b in range(n_batches):
+            chunk = mine[b * batch_size : (b + 1) * batch_size]
+            batch = [seqs[i] for i in chunk] or [
+                seqs[0]
+            ]  # an idle process still joins the collective forward
+            values = score(model, pad_right(batch, pad_id, accelerator.device)).tolist()
+            results.extend(zip(chunk, values, strict=False))
+    everything = gather_object(results) if n_proc > 1 else results
+    by_index = dict(everything)
+    return [by_index[i] for i in range(len(seqs))]
+
+
+def reference_replies(
+    rankings: Sequence[RankingExample], references: Sequence[ChatExample] | None
+) -> list[tuple[list[ChatMessage], str]]:
+    """(prompt, reply) pairs whose mean reward defines 0: every assistant turn of the demonstrations when
+    given, else the best-ranked reply of each ranking."""
+    if references is not None:
+        out = [
+            (ex.messages[:i], m["content"])
+            for ex in references
+            for i, m in enumerate(ex.messages)
+            if m["role"] == "assistant" and i > 0
+        ]
+        if not out:
+            raise ValueError("the reference demonstrations have no assistant turn")
+        return out
+    return [(r.prompt, r.completions[r.ranking[0]]) for r in rankings if r.ranking]
+
+
+def train_reward_model(
+    config: RewardConfig,
+    rankings: Sequence[RankingExample],
+    *,
+    references: Sequence[ChatExample] | None = None,
+) -> Path:
+    """Train the RM on `rankings`, centre it on the references, write it and its metrics to the run dir."""
+    started = time.time()
+    accelerator = make_accelerator(config)
+    run_dir = prepare_run_dir(config, "rm", accelerator)
+    seed_everything(config.seed)
+    usable = [r for r in rankings if ordered_pairs(r)]
+    if len(usable) < len(rankings):
+        logger.info(
+            "%d ranking(s) without an ordered pair (all bad or all tied) skipped", len(rankings) - len(usable)
+        )
+    train, heldout = split_heldout(usable, config.heldout_fraction, config.seed)
+    if not train:
+        raise ValueError("no ranking with an ordered pair to train on")
+    base = resolve_base_model(config.model)
+    tokenizer = load_training_tokenizer(base)
+    pad_id = int(tokenizer.pad_token_id)
+    encoded = [encode_ranking(tokenizer, r, config.max_length) for r in train]
+    logger.info("RM on %d rankings (%d held out), initialised from %s", len(train), len(heldout), base)
+    model = reward_model_from_lm(base, dtype=torch.float32, device="cpu", tokenizer=tokenizer).train()
+    disable_dropout(model)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    device = accelerator.device
+
+    def loss_fn(
+        model: torch.nn.Module, batch: list[EncodedRanking]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        rewards = score(model, pad_right([c for r in batch for c in r.candidates], pad_id, device))
+        table, better = ranking_tensors(batch, rewards)
+        correct, n_pairs = pairwise_accuracy(table.detach(), better)
+        # per-ranking accuracy, so that its sum over the batch divided by the rankings is the mean
+        accuracy = (correct.float() / n_pairs.clamp(min=1)).sum()
+        return kway_ranking_loss(table, better, reduction="sum"), {"accuracy": accuracy}
+
+    model, state = fit(
+        config,
+        accelerator,
+        model,
+        encoded,
+        loss_fn=loss_fn,
+        weight_fn=lambda r: 1.0,
+        run_dir=run_dir,
+        description="reward model",
+    )
+
+    summary: dict[str, Any] = {
+        "stage": "rm",
+        "steps": state.step,
+        "skipped_steps": state.skipped_steps,
+        "train_rankings": len(train),
+        "heldout_rankings": len(heldout),
+    }
+    if heldout:
+        held = [encode_ranking(tokenizer, r, config.max_length) for r in heldout]
+        flat = [c for r in held for c in r.candidates]
+        rewards = torch.tensor(score_sequences(accelerator, model, flat, pad_id, config.eval_batch_size))
+        table, better = ranking_tensors(held, rewards)
+        correct, n_pairs = pairwise_accuracy(table, better)
+        summary["heldout_pairs"] = int(n_pairs.sum())
+        summary["heldout_accuracy"] = float(correct.sum()) / max(1, int(n_pairs.sum()))
+        logger.info(
+            "held-out pairwise accuracy %.4f on %d pairs",
+            summary["heldout_accuracy"],
+            summary["heldout_pairs"],
+        )
+
+    pairs = reference_replies(train, references)
+    if config.bias_examples > 0 and len(pairs) > config.bias_examples:
+        pairs = random.Random(config.seed).sample(pairs, config.bias_examples)
+    ref_seqs = [encode_reply(tokenizer, p, reply, config.max_length) for p, reply in pairs]
+    bias = sum(score_sequences(accelerator, model, ref_seqs, pad_id, config.eval_batch_size)) / len(ref_seqs)
+    set_reward_bias(accelerator.unwrap_model(model), bias)
+    summary |= {"reward_bias": bias, "reference_replies": len(ref_seqs)}
+
+    save_model(accelerator, model, tokenizer, run_dir)
+    summary["wall_seconds"] = round(time.time() - started, 1)
+    if accelerator.is_main_process:
+        with MetricsLogger(
+            run_dir, total_steps=state.step, start_step=state.step, progress=False
+        ) as metrics_log:
+            metrics_log.log(state.step, {k: v for k, v in summary.items() if k != "stage"}, kind="eval")
+        write_json_atomic(run_dir / SUMMARY_FILE, summary)
+    finish_checkpoints(config, run_dir, accelerator)
+    return run_dir
