@@ -160,3 +160,10 @@ def _words(n: int) -> str:
 def test_length_penalty_per_full_50_words_beyond_150(words: int, penalty: float) -> None:
     assert gold_score(Prompt("Describe the ocean."), _words(words)) == pytest.approx(1.0 - penalty)
     assert gold_report(Prompt("x"), _words(words)).words == words
+
+
+def test_an_empty_reply_fails_every_check_it_would_pass_vacuously() -> None:
+    checks = [Check.parse("max_words:10"), Check.parse("no_comma")]
+    assert gold_score(checks, "") == 0.0
+    assert gold_score(checks, "   \n") == 0.0
+    assert gold_score(checks, "Short and clean.") == 1.0

@@ -4,6 +4,7 @@
 from dialoop.cli import admin  # noqa: F401
 from dialoop.cli import bench  # noqa: F401
 from dialoop.cli import data  # noqa: F401
+from dialoop.cli import loop  # noqa: F401
 from dialoop.cli import serve  # noqa: F401
 from dialoop.cli import train  # noqa: F401
 from dialoop.cli._app import app

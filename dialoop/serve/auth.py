@@ -385,7 +385,7 @@ def login(
 
 @router.post("/logout", include_in_schema=False, dependencies=[CsrfProtect])
 def logout(request: Request) -> Response:
-    """End the session (its cookie stops working even if it was copied) and go to the login page."""
+    """End the session and go to the login page; a copy of its cookie stops working too (until a restart)."""
     _replace_session(request, None)
     response = RedirectResponse(LOGIN_PATH, status_code=303)
     apply_session_cookie(request, response)

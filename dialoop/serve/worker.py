@@ -364,8 +364,8 @@ class GenerationWorker:
             try:
                 if prompt_ids is not None:
                     ids = list(prompt_ids)
-                else:
-                    ids = encode_prompt(lm.tokenizer, messages or [])
+                else:  # a long conversation takes a while to tokenize: keep the event loop free
+                    ids = await asyncio.to_thread(encode_prompt, lm.tokenizer, messages or [])
                 budget = self._token_budget(lm, len(ids), max_tokens)
                 params = [
                     SamplingParams(

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import parse_flag_from_env
 
 from dialoop.train.config import PRECISIONS, TrainConfig
 
@@ -97,7 +98,7 @@ def make_accelerator(config: TrainConfig, *, gradient_accumulation_steps: int | 
     from dialoop.modeling import pick_device
 
     # without an accelerator, processes started by `accelerate launch --multi_gpu` / torchrun join over gloo
-    cpu = pick_device().type == "cpu"
+    cpu = pick_device().type == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU")
     # accelerate keeps its settings in process-wide singletons; a process that runs several stages (the demo)
     # starts each with fresh ones, keeping the process group (PartialState)
     AcceleratorState._reset_state()

@@ -1,0 +1,206 @@
+"""`dialoop demo`, `dialoop iterate`, `dialoop eval`: the whole loop, one iteration, the report card."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from dialoop.cli._app import app
+from dialoop.settings import settings
+
+console = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+        force=True,
+    )
+
+
+def _fail(exc: BaseException) -> typer.Exit:
+    console.print(f"[red]error:[/red] {exc}")
+    return typer.Exit(2)
+
+
+def _fmt(value: Any, percent: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
+
+
+def _print_card(report: dict[str, Any]) -> None:
+    table = Table(title="Report card (held-out prompts)")
+    for column in ("model", "gold", "win vs SFT", "EOS", "tokens", "KL to SFT"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for m in report["models"]:
+        table.add_row(
+            m["name"],
+            _fmt(m["gold_mean"]),
+            _fmt(m["win_rate_vs_sft"], percent=True),
+            _fmt(m["eos_rate"], percent=True),
+            f"{m['mean_length_tokens']:.1f}",
+            _fmt(m["kl_to_sft"]),
+        )
+    console.print(table)
+    rm = report.get("reward_model")
+    if rm:
+        console.print(
+            f"reward model accuracy vs gold order: {_fmt(rm['accuracy'], True)} on {rm['pairs']} pairs"
+        )
+    for name, met in (report.get("targets") or {}).items():
+        console.print(f"  {'[green]met[/green]' if met else '[red]not met[/red]'}  {name}")
+
+
+@app.command("demo")
+def demo(
+    out: Path | None = typer.Option(
+        None, "--out", help="Directory for the store, models and report (default: DIALOOP_HOME/demos/<time>)."
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="A tiny model and tiny budgets: every stage in seconds."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the simulated trainers, prompts and training."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what each stage does."),
+) -> None:
+    """Run the whole loop with simulated trainers: demonstrations, SFT, chats, rankings, RM, PPO, twice."""
+    from dialoop.demo import demo_config, run_demo
+
+    _setup_logging(verbose)
+    out = out or settings().home / "demos" / time.strftime("%Y%m%d-%H%M%S")
+    config = demo_config(out, quick=quick, seed=seed)
+    config.on_stage = lambda stage, seconds: console.print(
+        f"[green]✓[/green] {stage} [dim]({seconds:.0f} s)[/dim]"
+    )
+    started = time.perf_counter()
+    try:
+        result = run_demo(config)
+    except (FileExistsError, ValueError) as exc:
+        raise _fail(exc) from exc
+    _print_card(result.report)
+    console.print(f"\ntotal {time.perf_counter() - started:.0f} s")
+    console.print(f"report: [bold]{result.report_path}[/bold]  (and {result.out / 'report.json'})")
+    if "policy" in result.models:
+        console.print(f"chat with the result: [bold]dialoop serve --model {result.models['policy']}[/bold]")
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """The options the user gave (None: keep the stage config's default)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@app.command("iterate")
+def iterate(
+    sft_steps: int | None = typer.Option(None, help="SFT optimizer steps (default: by epochs)."),
+    sft_epochs: float | None = typer.Option(None, help="SFT passes over the demonstrations."),
+    sft_lr: float | None = typer.Option(None, help="SFT peak learning rate."),
+    rm_steps: int | None = typer.Option(None, help="Reward-model steps (default: by epochs)."),
+    rm_epochs: float | None = typer.Option(None, help="Reward-model passes over the rankings."),
+    rm_lr: float | None = typer.Option(None, help="Reward-model peak learning rate."),
+    ppo_steps: int | None = typer.Option(None, help="PPO steps (default: by epochs over the prompts)."),
+    ppo_batch_size: int | None = typer.Option(None, help="Prompts per PPO step."),
+    ppo_lr: float | None = typer.Option(None, help="PPO learning rate."),
+    ppo_beta: float | None = typer.Option(None, help="KL coefficient of PPO."),
+    max_new_tokens: int | None = typer.Option(None, help="Longest reply PPO and the report card sample."),
+    eval_prompts: int = typer.Option(128, help="Held-out prompts of the report card; 0: no report card."),
+    base_model: str | None = typer.Option(
+        None, help="Model SFT starts from (dir or hub id; default: the embedded default)."
+    ),
+    work_dir: Path | None = typer.Option(None, help="Where runs go (default: DIALOOP_HOME/runs)."),
+    deploy: bool = typer.Option(True, "--deploy/--no-deploy", help="Serve the new policy when done."),
+    seed: int = typer.Option(0, help="Seed of every stage."),
+    precision: str | None = typer.Option(None, help="auto (bf16 where the hardware has it), bf16 or fp32."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what each stage does."),
+) -> None:
+    """One iteration on the store: SFT (new demonstrations), RM (all rankings), PPO; resumes after a crash."""
+    from dialoop.evaluate import EvalConfig
+    from dialoop.loop import IterationConfig, NothingToTrain, run_iteration
+    from dialoop.store.migrate import open_store
+    from dialoop.train.config import RewardConfig, SFTConfig
+    from dialoop.train.ppo import PPOConfig
+
+    _setup_logging(verbose)
+    try:
+        ppo_batch = _given(
+            batch_size=ppo_batch_size, mini_batch_size=ppo_batch_size, micro_batch_size=ppo_batch_size
+        )
+        config = IterationConfig(
+            base_model=base_model,
+            work_dir=work_dir,
+            sft=SFTConfig(**_given(max_steps=sft_steps, epochs=sft_epochs, lr=sft_lr, precision=precision)),
+            rm=RewardConfig(**_given(max_steps=rm_steps, epochs=rm_epochs, lr=rm_lr, precision=precision)),
+            ppo=PPOConfig(
+                **_given(max_steps=ppo_steps, lr=ppo_lr, beta=ppo_beta, max_new_tokens=max_new_tokens),
+                **_given(precision=precision),
+                **ppo_batch,
+            ),
+            evaluate=EvalConfig(**_given(prompts=eval_prompts, max_new_tokens=max_new_tokens))
+            if eval_prompts > 0
+            else None,
+            deploy=deploy,
+            seed=seed,
+            on_stage=lambda stage, status: console.print(f"[bold]{stage}[/bold]: {status}"),
+        )
+    except ValueError as exc:
+        raise _fail(exc) from exc
+    engine = open_store(settings().db_url)
+    try:
+        result = run_iteration(engine, config)
+    except (NothingToTrain, FileExistsError, ValueError) as exc:
+        raise _fail(exc) from exc
+    finally:
+        engine.dispose()
+    table = Table(title=f"Iteration {result.iteration}")
+    for column in ("stage", "status", "version", "seconds", "note"):
+        table.add_column(column)
+    for s in result.stages.values():
+        table.add_row(s.stage, s.status, str(s.version_id or "–"), f"{s.seconds:.0f}", s.note)
+    console.print(table)
+    if result.report is not None:
+        _print_card(result.report)
+        console.print(f"report: [bold]{result.work_dir / 'report' / 'report.html'}[/bold]")
+    console.print(f"policy version {result.policy_version_id}" + (" is served" if deploy else ""))
+
+
+@app.command("eval")
+def eval_(
+    model: Path = typer.Option(..., "--model", help="The model to evaluate (an HF directory)."),
+    sft: Path | None = typer.Option(None, "--sft", help="The SFT model: win rate and KL are against it."),
+    rm: Path | None = typer.Option(None, "--rm", help="A reward model: its accuracy against the gold order."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Report directory (default: DIALOOP_HOME/evals/<time>)."
+    ),
+    prompts: int = typer.Option(128, help="Held-out prompts (the sim eval split)."),
+    max_new_tokens: int = typer.Option(96, help="Longest reply sampled."),
+    temperature: float = typer.Option(0.7, help="Sampling temperature (the KL is measured at it)."),
+    seed: int = typer.Option(0, help="Which eval prompts, and the sampling seeds."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what each stage does."),
+) -> None:
+    """The report card of a model on held-out prompts: gold score, win rate and KL vs SFT, RM accuracy."""
+    from dialoop.evaluate import EvalConfig, ModelSpec, evaluate_models, write_report
+    from dialoop.modeling import ModelLoadError
+
+    _setup_logging(verbose)
+    models = ([ModelSpec("sft", sft)] if sft is not None else []) + [ModelSpec("model", model)]
+    try:
+        config = EvalConfig(
+            prompts=prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+        )
+        report, samples = evaluate_models(
+            models, sft="sft" if sft is not None else None, reward_model=rm, config=config
+        )
+    except (ModelLoadError, ValueError, OSError) as exc:
+        raise _fail(exc) from exc
+    path = write_report(report, out or settings().home / "evals" / time.strftime("%Y%m%d-%H%M%S"), samples)
+    _print_card(report)
+    console.print(f"report: [bold]{path}[/bold]")

@@ -1,0 +1,170 @@
+"""Training under `accelerate launch` with 2 CPU processes (gloo) follows the 1-process loss curve, and a run
+killed with SIGKILL resumes to exactly the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from dialoop.cli import app
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    # one thread per process: two processes share this machine's cores
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def _launch_two(args: list[str]) -> None:
+    cmd = [
+        str(VENV_BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+    ]
+    cmd += [
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        "-m",
+        "dialoop.train",
+    ]
+    done = subprocess.run(cmd + args, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+def _write_data(tmp_path: Path) -> tuple[Path, Path]:
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"Question {i}: what is {i} plus {i}?"},
+                        {"role": "assistant", "content": f"{i} plus {i} is {2 * i}." + " Indeed." * (i % 3)},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(16)
+        )
+    )
+    rankings = tmp_path / "rankings.jsonl"
+    rankings.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": [{"role": "user", "content": f"Say something {i}."}],
+                    "completions": [
+                        [{"role": "assistant", "content": f"Reply {j} to {i}" + "!" * j}] for j in range(3)
+                    ],
+                    "ranking": [i % 3, (i + 1) % 3, (i + 2) % 3],
+                    "ties": [] if i % 2 else [[(i + 1) % 3, (i + 2) % 3]],
+                }
+            )
+            + "\n"
+            for i in range(16)
+        )
+    )
+    return demos, rankings
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_two_processes_follow_the_one_process_loss_curve(
+    stage: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    demos, rankings = _write_data(tmp_path)
+    data = ["--data", str(demos), "--format", "messages"] if stage == "sft" else ["--data", str(rankings)]
+    data += ["--format", "rankings", "--heldout-fraction", "0"] if stage == "rm" else []
+    common = [stage, *data, "--model", str(tiny_model_dir), "--max-steps", "5", "--batch-size", "8"]
+    common += ["--micro-batch-size", "2", "--lr", "1e-3", "--precision", "fp32", "--no-progress"]
+
+    result = CliRunner().invoke(app, ["train", *common, "--out", str(tmp_path / "one")])
+    assert result.exit_code == 0, result.output
+    _launch_two([*common, "--out", str(tmp_path / "two")])
+
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 5
+    assert one[-1] < one[0]  # it learns
+    assert two == pytest.approx(one, rel=1e-4)
+    w1, w2 = (
+        load_file(tmp_path / "one" / "model.safetensors"),
+        load_file(tmp_path / "two" / "model.safetensors"),
+    )
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
+
+
+def test_a_run_killed_mid_way_resumes_to_the_same_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    demos, _ = _write_data(tmp_path)
+    args = [
+        str(VENV_BIN / "python"),
+        "-m",
+        "dialoop.train",
+        "sft",
+        "--data",
+        str(demos),
+        "--format",
+        "messages",
+    ]
+    args += [
+        "--model",
+        str(tiny_model_dir),
+        "--max-steps",
+        "40",
+        "--batch-size",
+        "4",
+        "--micro-batch-size",
+        "2",
+    ]
+    args += ["--lr", "1e-3", "--checkpoint-every", "5", "--precision", "fp32", "--no-progress", "--seed", "7"]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*args, "--out", str(killed)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step-000010").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model.safetensors").exists()  # it died mid-way, without its final model
+
+    resumed = subprocess.run(
+        [*args, "--out", str(killed), "--resume"], env=_env(), capture_output=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = subprocess.run(
+        [*args, "--out", str(tmp_path / "straight")], env=_env(), capture_output=True, timeout=600
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    a, b = load_file(killed / "model.safetensors"), load_file(tmp_path / "straight" / "model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))  # each step logged once, the killed run's extra steps dropped
+    assert _losses(killed) == _losses(tmp_path / "straight")
+    assert not (killed / "checkpoints").exists()  # removed once the model is written

@@ -1,0 +1,197 @@
+"""Reward model: the K-way loss against hand-computed values, learning a preference, centring the reward."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from typer.testing import CliRunner
+
+from dialoop.cli import app
+from dialoop.formats.pairs import ordered_pairs
+from dialoop.formats.records import ChatExample, RankingExample
+from dialoop.modeling.heads import BIAS_KEY, last_token_scores
+from dialoop.train.config import RewardConfig
+from dialoop.train.reward import (
+    EncodedRanking,
+    encode_reply,
+    kway_ranking_loss,
+    pad_right,
+    ranking_tensors,
+    train_reward_model,
+)
+
+
+def _nll(d: float) -> float:
+    return math.log1p(math.exp(-d))  # -log sigmoid(d)
+
+
+def _tables(examples: list[RankingExample], rewards: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded = [EncodedRanking([[0]] * len(e.completions), ordered_pairs(e)) for e in examples]
+    return ranking_tensors(encoded, torch.tensor([r for rs in rewards for r in rs]))
+
+
+K3 = RankingExample(prompt=[{"role": "user", "content": "q"}], completions=["a", "b", "c"], ranking=[0, 1, 2])
+K4_TIE = RankingExample(
+    prompt=[{"role": "user", "content": "q"}],
+    completions=["a", "b", "c", "d"],
+    ranking=[2, 0, 3, 1],
+    ties=[(0, 3)],
+)
+ALL_BAD = RankingExample(
+    prompt=[{"role": "user", "content": "q"}], completions=["a", "b"], ranking=[0, 1], all_bad=True
+)
+
+
+def test_kway_loss_k3_equals_the_hand_computed_mean_over_its_three_pairs() -> None:
+    table, better = _tables([K3], [[2.0, 1.0, -0.5]])
+    expected = (_nll(2.0 - 1.0) + _nll(2.0 + 0.5) + _nll(1.0 + 0.5)) / 3
+    assert float(kway_ranking_loss(table, better)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_kway_loss_k4_leaves_the_tied_pair_out() -> None:
+    r = [0.3, -1.0, 1.2, 0.0]
+    table, better = _tables([K4_TIE], [r])
+    # ranking 2 > 0 = 3 > 1: five ordered pairs, (0, 3) is a tie
+    pairs = [(2, 0), (2, 3), (2, 1), (0, 1), (3, 1)]
+    expected = sum(_nll(r[b] - r[w]) for b, w in pairs) / 5
+    assert float(kway_ranking_loss(table, better)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_one_ranking_is_one_batch_element_and_all_bad_gives_no_term() -> None:
+    table, better = _tables([K3, K4_TIE, ALL_BAD], [[2.0, 1.0, -0.5], [0.3, -1.0, 1.2, 0.0], [5.0, -5.0]])
+    per = kway_ranking_loss(table, better, reduction="none")
+    k3 = (_nll(1.0) + _nll(2.5) + _nll(1.5)) / 3
+    k4 = (_nll(0.9) + _nll(1.2) + _nll(2.2) + _nll(1.3) + _nll(1.0)) / 5
+    assert per.tolist() == pytest.approx([k3, k4, 0.0], rel=1e-6)
+    assert float(kway_ranking_loss(table, better)) == pytest.approx((k3 + k4) / 2, rel=1e-6)
+    assert float(kway_ranking_loss(table, better, reduction="sum")) == pytest.approx(k3 + k4, rel=1e-6)
+    # gradients reach only candidates that are in an ordered pair
+    table.requires_grad_(True)
+    kway_ranking_loss(table, better).backward()
+    assert table.grad is not None and torch.all(table.grad[2] == 0) and torch.all(table.grad[0, :3] != 0)
+
+
+def test_encoded_reply_ends_with_eos_and_keeps_the_recent_prompt(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = [{"role": "user", "content": "word " * 300}]
+    ids = encode_reply(tokenizer, prompt, "a short reply", max_length=64)
+    assert len(ids) == 64 and ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\na short reply<|im_end|>")
+
+
+def _marker_rankings(n: int, seed: int) -> list[RankingExample]:
+    """K=3: the reply with the marker word is best; the two others are tied."""
+    rng = random.Random(seed)
+    words = ["apple", "river", "stone", "cloud", "green", "music", "table", "light", "paper", "window"]
+    out = []
+    for i in range(n):
+        replies = [" ".join(rng.choices(words, k=5)) for _ in range(3)]
+        good = rng.randrange(3)
+        replies[good] = replies[good] + " banana"
+        others = [j for j in range(3) if j != good]
+        out.append(
+            RankingExample(
+                prompt=[{"role": "user", "content": f"Tell me something, number {i}."}],
+                completions=replies,
+                ranking=[good, *others],
+                ties=[(others[0], others[1])],
+            )
+        )
+    return out
+
+
+def test_rm_learns_a_marker_preference_and_centres_its_reward(tiny_model_dir: Path, tmp_path: Path) -> None:
+    rankings = _marker_rankings(240, seed=1)
+    data = tmp_path / "rankings.jsonl"
+    lines = [
+        {
+            "prompt": r.prompt,
+            "completions": [[{"role": "assistant", "content": c}] for c in r.completions],
+            "ranking": r.ranking,
+            "ties": [list(t) for t in r.ties],
+        }
+        for r in rankings
+    ]
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "rm"
+    args = ["train", "rm", "--data", str(data), "--format", "rankings", "--model", str(tiny_model_dir)]
+    args += [
+        "--out",
+        str(out),
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "8",
+        "--micro-batch-size",
+        "4",
+        "--epochs",
+        "2",
+    ]
+    args += ["--heldout-fraction", "0.25", "--bias-examples", "0", "--precision", "fp32", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+    summary = json.loads((out / "metrics.json").read_text())
+    assert (
+        summary["heldout_rankings"] == 60 and summary["heldout_pairs"] == 120
+    )  # 2 ordered pairs each (1 tie)
+    assert summary["heldout_accuracy"] > 0.95
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert evals[-1]["kind"] == "eval" and evals[-1]["heldout_accuracy"] == summary["heldout_accuracy"]
+
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.num_labels == 1 and getattr(model.config, BIAS_KEY) == pytest.approx(
+        summary["reward_bias"]
+    )
+    # the reference replies (each training ranking's best) now have mean reward 0
+    heldout_prompts = _heldout_prompts(rankings, 0.25, seed=0)
+    train = [r for r in rankings if r.prompt[0]["content"] not in heldout_prompts]
+    seqs = [encode_reply(tokenizer, r.prompt, r.completions[r.ranking[0]], 512) for r in train]
+    batch = pad_right(seqs, 0, torch.device("cpu"))
+    with torch.no_grad():
+        scores = last_token_scores(model, batch["input_ids"], batch["attention_mask"])
+    assert len(seqs) == summary["reference_replies"] == 180
+    assert float(scores.mean()) == pytest.approx(0.0, abs=1e-3)
+
+
+def _heldout_prompts(rankings: list[RankingExample], fraction: float, seed: int) -> set[str]:
+    from dialoop.train.data import split_heldout
+
+    _, held = split_heldout(rankings, fraction, seed)
+    return {r.prompt[0]["content"] for r in held}
+
+
+def test_reference_demonstrations_define_reward_zero(tiny_model_dir: Path, tmp_path: Path) -> None:
+    demos = [
+        ChatExample(
+            [{"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": f"Hello {i}, friend."}]
+        )
+        for i in range(5)
+    ]
+    config = RewardConfig(
+        out=tmp_path / "rm",
+        model=str(tiny_model_dir),
+        max_steps=2,
+        batch_size=2,
+        micro_batch_size=2,
+        heldout_fraction=0.0,
+        precision="fp32",
+        progress=False,
+    )
+    train_reward_model(config, _marker_rankings(4, seed=2), references=demos)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    seqs = [encode_reply(tokenizer, d.messages[:1], d.messages[1]["content"], 512) for d in demos]
+    batch = pad_right(seqs, 0, torch.device("cpu"))
+    with torch.no_grad():
+        scores = last_token_scores(model, batch["input_ids"], batch["attention_mask"])
+    assert float(scores.mean()) == pytest.approx(0.0, abs=1e-4)
+    summary = json.loads((tmp_path / "rm" / "metrics.json").read_text())
+    assert summary["reference_replies"] == 5 and "heldout_accuracy" not in summary
