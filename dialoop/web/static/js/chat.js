@@ -248,7 +248,11 @@ class ChatPage {
         if (event.type === "user") {
           this.tree.add(event.message);
           parentId = event.message.id;
-          if (!this.conversation.title) this.conversation.title = event.message.content.trim().split("\n")[0].slice(0, 80);
+          if (!this.conversation.title) {
+            // the server names a new chat after its first message: show it in the list at once
+            this.conversation.title = event.message.content.trim().split("\n")[0].slice(0, 80);
+            this.loadList().catch(() => {});
+          }
         } else if (event.type === "start") {
           this.generationId = event.generation_id;
           showPending(event.model);
