@@ -16,7 +16,6 @@ DIR/report.html and its PNGs; DIR/store.db (the store), DIR/runs/iter-N/<stage> 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import os
 import random
@@ -178,11 +177,6 @@ def _load_policy(engine: Engine, version_id: int | None = None) -> PolicyHandle:
     return PolicyHandle(model, tokenizer, vid)
 
 
-def _release(handle: PolicyHandle) -> None:
-    del handle.model
-    gc.collect()
-
-
 def _write_demonstrations(
     engine: Engine, config: DemoConfig, trainers: Sequence[SimulatedTrainer], handle: PolicyHandle
 ) -> int:
@@ -317,7 +311,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
         with stages("demonstrations"):
             written = _write_demonstrations(engine, config, trainers, handle)
             log.info("%d demonstrations written", written)
-        _release(handle)
+        del handle
         iterations = [_iterate(engine, config, base, stages, 1)]
         for r in range(1, config.rounds + 1):
             handle = _load_policy(engine)
@@ -325,7 +319,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
                 _chat(engine, config, trainers, handle, r)
             with stages(f"round {r}: comparison tasks"):
                 _comparisons(engine, config, handle, r)
-            _release(handle)
+            del handle
             with stages(f"round {r}: rankings"):
                 _rank(engine, config, trainers, r)
             iterations.append(_iterate(engine, config, base, stages, r + 1))

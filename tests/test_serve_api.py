@@ -4,6 +4,10 @@ and cancellation when a client disconnects."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -226,3 +230,41 @@ def test_a_client_that_gives_up_on_a_non_stream_reply_cancels_it(live: Live) -> 
         )
     wait_for(lambda: stats.cancelled == cancelled + 1, "the server to cancel the generation")
     assert stats.tokens_generated - tokens < 1500
+
+
+def test_dialoop_serve_starts_and_says_how_to_create_the_first_admin(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "serve.log"
+    command = [
+        str(Path(sys.executable).parent / "dialoop"),
+        "serve",
+        "--model",
+        str(tiny_model_dir),
+        "--port",
+        str(port),
+        "--database-url",
+        f"sqlite:///{tmp_path / 'store.db'}",
+    ]
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"}
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        assert response.status_code == 401 and "API key" in response.json()["error"]["message"]
+    finally:
+        process.terminate()
+        process.wait(30)
+    assert "dialoop users add NAME --role admin" in log.read_text()

@@ -19,10 +19,13 @@ from dialoop.modeling.heads import BIAS_KEY, last_token_scores
 from dialoop.train.config import RewardConfig
 from dialoop.train.reward import (
     EncodedRanking,
+    RankingScorer,
+    encode_ranking,
     encode_reply,
     kway_ranking_loss,
     pad_right,
     ranking_tensors,
+    score_groups,
     train_reward_model,
 )
 
@@ -32,7 +35,7 @@ def _nll(d: float) -> float:
 
 
 def _tables(examples: list[RankingExample], rewards: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
-    encoded = [EncodedRanking([[0]] * len(e.completions), ordered_pairs(e)) for e in examples]
+    encoded = [EncodedRanking([([0], [1])] * len(e.completions), ordered_pairs(e)) for e in examples]
     return ranking_tensors(encoded, torch.tensor([r for rs in rewards for r in rs]))
 
 
@@ -83,6 +86,35 @@ def test_encoded_reply_ends_with_eos_and_keeps_the_recent_prompt(tiny_model_dir:
     ids = encode_reply(tokenizer, prompt, "a short reply", max_length=64)
     assert len(ids) == 64 and ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(ids).endswith("<|im_start|>assistant\na short reply<|im_end|>")
+
+
+def test_candidates_behind_a_shared_prompt_score_as_if_alone(tiny_model_dir: Path) -> None:
+    from dialoop.modeling.heads import reward_model_from_lm
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = reward_model_from_lm(tiny_model_dir, device="cpu").eval()
+    rankings = [
+        RankingExample(
+            [{"role": "user", "content": "Hi there"}], ["Hello!", "Hey, how are you doing?", "Yo"], [0, 1, 2]
+        ),
+        # a long prompt, cut differently for replies of different lengths: two prompt groups in one row
+        RankingExample(
+            [{"role": "user", "content": "tell me " * 30}], ["short", "a much longer reply " * 3], [1, 0]
+        ),
+    ]
+    max_length = 48
+    encoded = [encode_ranking(tokenizer, r, max_length) for r in rankings]
+    assert encoded[1].candidates[0][0] != encoded[1].candidates[1][0]
+    scorer = RankingScorer(model)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        shared = score_groups(scorer, [e.candidates for e in encoded], 0, True, cpu)
+        plain = score_groups(scorer, [e.candidates for e in encoded], 0, False, cpu)
+        seqs = [encode_reply(tokenizer, r.prompt, c, max_length) for r in rankings for c in r.completions]
+        batch = pad_right(seqs, 0, cpu)
+        alone = last_token_scores(model, batch["input_ids"], batch["attention_mask"])
+    assert [p + r for e in encoded for p, r in e.candidates] == seqs
+    assert torch.allclose(shared, alone, atol=1e-5) and torch.allclose(plain, alone, atol=1e-5)
 
 
 def _marker_rankings(n: int, seed: int) -> list[RankingExample]:

@@ -27,7 +27,7 @@ from dialoop.serve.worker import (
 )
 from dialoop.store import session_scope
 from dialoop.store.db import make_engine
-from dialoop.store.registry import register_model_version, served_model
+from dialoop.store.registry import register_model_version, served_model, set_served
 
 T = TypeVar("T")
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -278,3 +278,20 @@ def test_swapping_the_served_model_keeps_in_flight_generations(
     with session_scope(store) as session:
         version = served_model(session)
         assert version is not None and version.name == "other"
+
+
+def test_the_model_served_at_start_is_the_flag_else_the_store_s_served_version(
+    store: Engine, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    with session_scope(store) as session:
+        old = register_model_version(session, name="sft-1", kind="policy", path=tmp_path / "sft-1")
+        register_model_version(session, name="sft-2", kind="policy", path=tmp_path / "sft-2")
+        register_model_version(session, name="tiny-v", kind="policy", path=tiny_model_dir)
+        set_served(session, old.id)
+    assert ModelRegistry.open(store).served == "sft-1"
+    assert ModelRegistry.open(store, "sft-2").served == "sft-2"
+    by_path = ModelRegistry.open(store, tiny_model_dir)  # a registered directory goes by its version name
+    assert by_path.served == "tiny-v" and by_path.base.version_id is not None
+    named = ModelRegistry.open(store, tiny_model_dir, name="mine")
+    assert named.served == "mine" and named.resolve("default").name == "mine"
+    assert [e.name for e in named.entries()] == ["mine", "sft-1", "sft-2", "tiny-v"]

@@ -122,12 +122,18 @@ def bench_serve(
     model: str | Path | None = None,
     *,
     concurrency: Sequence[int] = (1, 4, 8),
-    rounds: int = 3,
-    max_tokens: int = 128,
+    rounds: int = 2,
+    max_tokens: int = 64,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmark against a real server on loopback; returns the figures as a JSON-able dict."""
+    """Run the benchmark against a real server on loopback; returns the figures as a JSON-able dict.
+
+    `threads` sets torch's CPU threads for this process (on a shared CPU, 1 avoids oversubscription).
+    """
     if not concurrency or min(concurrency) < 1 or rounds < 1 or max_tokens < 1:
         raise ValueError("concurrency levels, rounds and max_tokens must all be >= 1")
+    if threads is not None:
+        torch.set_num_threads(threads)
     model_path = Path(model) if model is not None else default_model_dir()
     serve_settings = ServeSettings(max_batch=max(16, *concurrency), max_queue=4 * max(concurrency))
     home = settings().home

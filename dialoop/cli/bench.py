@@ -24,8 +24,11 @@ def bench_serve_command(
         None, "--model", help="HF model directory (default: the embedded default).", show_default=False
     ),
     concurrency: str = typer.Option("1,4,8", "--concurrency", help="Comma-separated numbers of streams."),
-    rounds: int = typer.Option(3, "--rounds", help="Rounds of simultaneous streams per level."),
-    max_tokens: int = typer.Option(128, "--max-tokens", help="max_tokens of each request."),
+    rounds: int = typer.Option(2, "--rounds", help="Rounds of simultaneous streams per level."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="max_tokens of each request."),
+    threads: int | None = typer.Option(
+        None, "--threads", help="torch CPU threads (default: torch's choice).", show_default=False
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
     """Time to first token and aggregate tokens/s of the server for 1, 4 and 8 concurrent streams."""
@@ -34,7 +37,7 @@ def bench_serve_command(
     logging.basicConfig(level=logging.WARNING)
     try:
         levels = [int(c) for c in concurrency.split(",") if c.strip()]
-        result = bench_serve(model, concurrency=levels, rounds=rounds, max_tokens=max_tokens)
+        result = bench_serve(model, concurrency=levels, rounds=rounds, max_tokens=max_tokens, threads=threads)
     except ValueError as exc:
         err_console.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from exc

@@ -20,11 +20,16 @@ console = Console(stderr=True)
 
 
 def _setup_logging(verbose: bool) -> None:
+    if not verbose:
+        # the stages' own bars and lines say what happens; per-load bars and reports would drown them
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(name)s: %(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
-        force=True,
     )
 
 

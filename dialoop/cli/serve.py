@@ -33,13 +33,19 @@ def serve(
         show_default=False,
     ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    threads: int | None = typer.Option(
+        None, "--threads", help="torch CPU threads (default: torch's choice).", show_default=False
+    ),
 ) -> None:
     """Serve the web chat and the OpenAI-compatible API (/v1)."""
+    import torch
     import uvicorn
 
     from dialoop.modeling.loading import ModelLoadError
     from dialoop.serve.app import create_app
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     if model is not None and Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())
     logging.basicConfig(

@@ -183,10 +183,11 @@ def _counted_rankings(task: ComparisonTask) -> int:
     return sum(1 for r in task.rankings if r.skip_reason is None)
 
 
-def next_task_for(session: Session, trainer: User) -> TaskView | None:
+def next_task_for(session: Session, trainer: User, *, source: str | None = None) -> TaskView | None:
     """An open task for `trainer`: not answered (ranked or skipped) by them, not from their own chat.
 
-    Tasks closest to their overlap come first, then the oldest, so tasks get finished.
+    Tasks closest to their overlap come first, then the oldest, so tasks get finished. `source` keeps
+    only the tasks of that source (e.g. "ab": blind A/B comparisons).
     """
     require_role(trainer, TRAINER_ROLES, "rank comparison tasks")
     answered = select(Ranking.task_id).where(Ranking.trainer_id == trainer.id)
@@ -209,6 +210,8 @@ def next_task_for(session: Session, trainer: User) -> TaskView | None:
         .order_by(counted.desc(), ComparisonTask.id)
         .limit(1)
     )
+    if source is not None:
+        query = query.where(ComparisonTask.source == source)
     task = session.scalars(query).first()
     return task_view(session, task, trainer) if task is not None else None
 

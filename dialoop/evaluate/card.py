@@ -10,7 +10,6 @@ per-row sampling seeds, so differences between models are not sampling luck of o
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import math
 import time
@@ -128,11 +127,6 @@ def _score(prompts: Sequence[Prompt], replies: Sequence[Reply]) -> tuple[list[fl
     return [g.score for g in reports], [g.prompt_passed for g in reports]
 
 
-def _release(model: Any) -> None:
-    del model
-    gc.collect()
-
-
 def sample_models(
     models: Sequence[ModelSpec],
     prompts: Sequence[Prompt],
@@ -177,8 +171,7 @@ def sample_models(
                 batch_size=config.batch_size,
                 pad_token_id=pad_token_id(tokenizer),
             )
-        if spec.name != reference:
-            _release(model)
+        del model  # the reference stays loaded through `ref_model`; the others go now
         seconds = time.perf_counter() - started
         done[spec.name] = ModelSamples(spec, replies, gold, passed, kl, seconds, extra)
         log.info("evaluated %s: gold %.3f in %.0fs", spec.name, mean(gold), seconds)
@@ -230,7 +223,7 @@ def reward_model_accuracy(
     model = load_reward_model(path, dtype=torch.float32)
     tokenizer = load_tokenizer(path)
     predicted = reward_scores(model, tokenizer, prompts, groups_text, config)
-    _release(model)
+    del model
     accuracy, pairs = pair_accuracy(predicted, groups_gold)
     return {
         "path": str(path),

@@ -26,7 +26,7 @@ from sqlalchemy import func, select
 
 from dialoop import __version__
 from dialoop.modeling.device import pick_device
-from dialoop.serve import auth, chat, keys_ui, openai_api, pages
+from dialoop.serve import admin, auth, chat, keys_ui, openai_api, pages, trainer
 from dialoop.serve.deps import ServeSettings
 from dialoop.serve.models import ModelRegistry
 from dialoop.serve.worker import GenerationWorker
@@ -45,6 +45,8 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(auth.router)
     app.include_router(chat.router)
     app.include_router(keys_ui.router)
+    app.include_router(trainer.router)
+    app.include_router(admin.router)
     # keep last: answers unknown /v1 URLs in OpenAI's error shape
     app.include_router(openai_api.fallback_router)
 

@@ -4,6 +4,8 @@ Requests wait in a bounded queue. The loop takes the oldest one, waits `batch_wi
 arrive, and decodes every queued request for the same model in one `sample` call on a background
 thread; each row's new text reaches its asyncio consumer through `on_step` as soon as it is decoded.
 A consumer that goes away (client disconnect, stop button) cancels its rows at the next step.
+A request that arrives while a batch decodes waits for that batch (no continuous batching: one
+`sample` call decodes a fixed set of rows; finished rows leave it, new ones cannot join).
 
     gen = await worker.submit([{"role": "user", "content": "Hi"}], max_tokens=64)
     async for event in gen.events():   # TextDelta(index, text) ..., then ChoiceEnd(index, finish_reason, ...)

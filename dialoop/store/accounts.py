@@ -75,6 +75,32 @@ def set_password(session: Session, user: User, password: str) -> None:
     session.flush()
 
 
+def _admins_left_without(session: Session, user: User) -> int:
+    return len([u for u in session.scalars(select(User).where(User.role == "admin")) if u.id != user.id])
+
+
+def set_role(session: Session, user: User, role: str) -> None:
+    """Give `user` another role; ValueError on an unknown role or when it would leave no admin."""
+    if role not in ROLES:
+        raise ValueError(f"invalid role {role!r}: choose one of {', '.join(ROLES)}")
+    if user.role == "admin" and role != "admin" and _admins_left_without(session, user) == 0:
+        raise ValueError(f"{user.name} is the only admin: make someone else admin first")
+    user.role = role
+    session.flush()
+    log.info("user %s is now %s", user.name, role)
+
+
+def delete_user(session: Session, user: User) -> None:
+    """Delete `user` and their API keys; their conversations and rankings stay, without an owner.
+
+    ValueError when it would leave no admin."""
+    if user.role == "admin" and _admins_left_without(session, user) == 0:
+        raise ValueError(f"{user.name} is the only admin and cannot be deleted")
+    session.delete(user)
+    session.flush()
+    log.info("deleted user %s", user.name)
+
+
 def authenticate(session: Session, name: str, password: str) -> User | None:
     """The user when `name` and `password` match, else None (same cost whether or not the name exists)."""
     global _dummy_hash

@@ -309,11 +309,39 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(config, name, 0.0)
 
 
+def freeze_lower_layers(model: torch.nn.Module, trainable_layers: int) -> None:
+    """Train only the top `trainable_layers` transformer blocks, the final norm and the heads (0: everything).
+
+    The frozen bottom needs no backward pass, which is most of the cost of fine-tuning on a CPU.
+    """
+    if trainable_layers <= 0:
+        return
+    config = getattr(model, "config", None)
+    n_layers = getattr(config, "num_hidden_layers", None)
+    blocks = next(
+        (m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers), None
+    )
+    if blocks is None:
+        raise ValueError(f"cannot find the {n_layers} transformer blocks of {type(model).__name__}")
+    if trainable_layers >= len(blocks):
+        return
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    frozen = {id(p) for block in blocks[: len(blocks) - trainable_layers] for p in block.parameters()}
+    if embeddings is not None:
+        frozen |= {id(p) for p in embeddings.parameters()}
+    for param in model.parameters():
+        if id(param) in frozen:
+            param.requires_grad_(False)
+    logger.info("training the top %d of %d blocks", trainable_layers, len(blocks))
+
+
 def save_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> None:
     """Write a standard HF dir (fp32 weights, tokenizer, chat template) into `out_dir`; call on every process.
 
-    The files are written to a temp dir first and then moved in, so a crash never leaves half a weight file;
-    other files of `out_dir` (metrics, config of the run) stay.
+    `model` is the prepared HF model, or a training module that holds it as `.hf_model`. The files are
+    written to a temp dir first and then moved in, so a crash never leaves half a weight file; other files
+    of `out_dir` (metrics, config of the run) stay.
     """
     from accelerate.utils import DistributedType
 
@@ -323,6 +351,10 @@ def save_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer: Any,
     state_dict = accelerator.get_state_dict(model) if sharded else None  # a collective under FSDP/ZeRO
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
+        if hasattr(unwrapped, "hf_model"):
+            unwrapped = unwrapped.hf_model
+            if state_dict is not None:
+                state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".final-"))

@@ -65,6 +65,9 @@ class TrainConfig:
     )
     resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in --out."})
     log_every: int = field(default=1, metadata={"help": "Write metrics every N steps."})
+    trainable_layers: int = field(
+        default=0, metadata={"help": "Train only the top N transformer blocks (+ norm, heads); 0: all."}
+    )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations to save memory."}
     )
@@ -134,6 +137,10 @@ class RewardConfig(TrainConfig):
     reference_format: str = field(default="messages", metadata={"help": "Format of --reference-data."})
     bias_examples: int = field(
         default=512, metadata={"help": "Reference replies scored to centre the reward; 0: all."}
+    )
+    share_prompt: bool = field(
+        default=True,
+        metadata={"help": "Score a ranking's candidates behind one copy of its prompt (faster)."},
     )
     eval_batch_size: int = field(
         default=16, metadata={"help": "Sequences per forward pass when scoring without gradients."}

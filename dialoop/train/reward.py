@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from transformers import PreTrainedModel
 
 from dialoop.formats.pairs import ordered_pairs
 from dialoop.formats.records import ChatExample, ChatMessage, RankingExample
@@ -33,6 +34,7 @@ from dialoop.modeling.heads import reward_model_from_lm, set_reward_bias
 from dialoop.train.common import (
     SUMMARY_FILE,
     disable_dropout,
+    freeze_lower_layers,
     load_training_tokenizer,
     make_accelerator,
     prepare_run_dir,
@@ -76,33 +78,39 @@ def pairwise_accuracy(rewards: torch.Tensor, better: torch.Tensor) -> tuple[torc
     return correct.sum(dim=(1, 2)), better.sum(dim=(1, 2))
 
 
-@dataclass(frozen=True)
-class EncodedRanking:
-    """The K candidates of a ranking as token ids (prompt + reply + EOS), and its (better, worse) pairs."""
-
-    candidates: list[list[int]]
-    pairs: list[tuple[int, int]]
-
-
-def encode_reply(tokenizer: Any, prompt: list[ChatMessage], reply: str, max_length: int) -> list[int]:
-    """Prompt (chat template + generation prompt) + reply + EOS, cut to `max_length` tokens.
+def encode_candidate(
+    tokenizer: Any, prompt_ids: list[int], reply: str, max_length: int
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, reply ids + EOS), cut to `max_length` tokens in all.
 
     A long prompt loses its oldest tokens; a reply longer than 3/4 of `max_length` loses its end (it still
     ends with EOS, where the reward is read).
     """
-    prompt_ids = encode_prompt(tokenizer, prompt)
     reply_ids = list(tokenizer(reply, add_special_tokens=False)["input_ids"])
     reply_cap = max(1, max_length - min(len(prompt_ids), max_length // 4) - 1)
     reply_ids = [*reply_ids[:reply_cap], int(tokenizer.eos_token_id)]
-    keep = max_length - len(reply_ids)
-    return (
-        prompt_ids[len(prompt_ids) - keep :] + reply_ids if keep < len(prompt_ids) else prompt_ids + reply_ids
-    )
+    keep = max(0, max_length - len(reply_ids))
+    return prompt_ids[len(prompt_ids) - keep :] if keep < len(prompt_ids) else prompt_ids, reply_ids
+
+
+def encode_reply(tokenizer: Any, prompt: list[ChatMessage], reply: str, max_length: int) -> list[int]:
+    """A candidate as the RM (and PPO) score it: prompt (chat template + generation prompt) + reply + EOS."""
+    prompt_ids, reply_ids = encode_candidate(tokenizer, encode_prompt(tokenizer, prompt), reply, max_length)
+    return prompt_ids + reply_ids
+
+
+@dataclass(frozen=True)
+class EncodedRanking:
+    """The K candidates of a ranking as (prompt ids, reply ids + EOS), and its (better, worse) pairs."""
+
+    candidates: list[tuple[list[int], list[int]]]
+    pairs: list[tuple[int, int]]
 
 
 def encode_ranking(tokenizer: Any, example: RankingExample, max_length: int) -> EncodedRanking:
+    prompt_ids = encode_prompt(tokenizer, example.prompt)
     return EncodedRanking(
-        [encode_reply(tokenizer, example.prompt, c, max_length) for c in example.completions],
+        [encode_candidate(tokenizer, prompt_ids, c, max_length) for c in example.completions],
         ordered_pairs(example),
     )
 
@@ -123,9 +131,129 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
     }
 
 
-def score(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Raw rewards (before the bias) through the model's forward: the head at the last non-pad token."""
-    return model(**batch, use_cache=False).logits.squeeze(-1).float()
+@dataclass
+class _Row:
+    """One model input row: token ids, positions, and per token its prompt group and segment."""
+
+    ids: list[int]
+    positions: list[int]
+    group: list[int]
+    segment: list[int]  # 0: a prompt; k + 1: candidate k's reply
+    score_at: dict[int, int]  # candidate index -> position of its EOS in the row
+
+
+def _rows(
+    groups: Sequence[Sequence[tuple[list[int], list[int]]]], share_prompt: bool
+) -> tuple[list[_Row], list[tuple[int, int]]]:
+    """Rows for groups of candidates, and where each candidate's score is read, as (row, column).
+
+    With `share_prompt`, the candidates of a group that have the same prompt ids sit in one row behind one
+    copy of the prompt; each reply attends to the prompt and to itself only (see `_shared_mask`), so its
+    score equals the score of prompt + reply alone, at a fraction of the cost.
+    """
+    rows: list[_Row] = []
+    where: list[tuple[int, int]] = []
+    for candidates in groups:
+        by_prompt: dict[tuple[int, ...], list[int]] = {}
+        for k, (prompt, _) in enumerate(candidates):
+            by_prompt.setdefault(tuple(prompt), []).append(k)
+        parts = list(by_prompt.values()) if share_prompt else [[k] for k in range(len(candidates))]
+        start = len(rows)
+        row = _Row([], [], [], [], {})
+        rows_of_group = [row] if share_prompt else []
+        for g, members in enumerate(parts):
+            if not share_prompt:
+                row = _Row([], [], [], [], {})
+                rows_of_group.append(row)
+            prompt = candidates[members[0]][0]
+            row.ids += prompt
+            row.positions += list(range(len(prompt)))
+            row.group += [g] * len(prompt)
+            row.segment += [0] * len(prompt)
+            for k in members:
+                reply = candidates[k][1]
+                row.ids += reply
+                row.positions += list(range(len(prompt), len(prompt) + len(reply)))
+                row.group += [g] * len(reply)
+                row.segment += [k + 1] * len(reply)
+                row.score_at[k] = len(row.ids) - 1
+        rows += rows_of_group
+        for k in range(len(candidates)):
+            r = next(i for i, row in enumerate(rows_of_group) if k in row.score_at)
+            where.append((start + r, rows_of_group[r].score_at[k]))
+    return rows, where
+
+
+def _collate_rows(
+    rows: Sequence[_Row], pad_id: int, shared: bool, device: torch.device
+) -> dict[str, torch.Tensor]:
+    width = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    group = torch.full((len(rows), width), -1, dtype=torch.long)
+    segment = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.ids)
+        ids[i, :n] = torch.tensor(r.ids)
+        positions[i, :n] = torch.tensor(r.positions)
+        group[i, :n] = torch.tensor(r.group)
+        segment[i, :n] = torch.tensor(r.segment)
+    if not shared:
+        mask = (group >= 0).long()  # one candidate per row: the usual right-padded 2-D mask
+    else:
+        # query q sees key k when k is not after q, in the same group, and k is a prompt token or q's reply
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
+        same_group = (group.unsqueeze(2) == group.unsqueeze(1)) & (group.unsqueeze(2) >= 0)
+        visible = (segment.unsqueeze(1) == 0) | (segment.unsqueeze(2) == segment.unsqueeze(1))
+        # padding sees itself only, which keeps softmax (and its gradient) finite
+        mask = (causal & same_group & visible) | torch.eye(width, dtype=torch.bool)
+        mask = mask.unsqueeze(1)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "position_ids": positions.to(device),
+    }
+
+
+class RankingScorer(torch.nn.Module):
+    """What training wraps (DDP/FSDP): the RM's backbone and head, with scores read at given positions."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    @property
+    def hf_model(self) -> PreTrainedModel:
+        return self.model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        score_rows: torch.Tensor,
+        score_cols: torch.Tensor,
+    ) -> torch.Tensor:
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        head = getattr(self.model, "score")  # noqa: B009 (the attribute is typed Tensor | Module)
+        return head(hidden[score_rows, score_cols]).squeeze(-1).float()
+
+
+def score_groups(
+    scorer: torch.nn.Module,
+    groups: Sequence[Sequence[tuple[list[int], list[int]]]],
+    pad_id: int,
+    share_prompt: bool,
+    device: torch.device,
+) -> torch.Tensor:
+    """Raw rewards (before the bias) of every candidate of every group, flat, in order; one forward pass."""
+    rows, where = _rows(groups, share_prompt)
+    batch = _collate_rows(rows, pad_id, share_prompt, device)
+    index = torch.tensor(where, device=device)
+    return scorer(**batch, score_rows=index[:, 0], score_cols=index[:, 1])
 
 
 def ranking_tensors(
@@ -145,30 +273,35 @@ def ranking_tensors(
     return table, better
 
 
-def score_sequences(
-    accelerator: Accelerator, model: torch.nn.Module, seqs: Sequence[list[int]], pad_id: int, batch_size: int
-) -> list[float]:
-    """Raw rewards of many sequences without gradients, spread over the processes (every process gets all)."""
+def score_all(
+    accelerator: Accelerator,
+    scorer: torch.nn.Module,
+    groups: Sequence[Sequence[tuple[list[int], list[int]]]],
+    pad_id: int,
+    share_prompt: bool,
+    batch_size: int,
+) -> list[list[float]]:
+    """Raw rewards of many groups without gradients, spread over the processes (every process gets all)."""
     n_proc, rank = accelerator.num_processes, accelerator.process_index
-    # equal batch counts on every process: FSDP/ZeRO forwards are collectives
-    per_proc = -(-len(seqs) // n_proc)
-    mine = list(range(rank * per_proc, min(len(seqs), (rank + 1) * per_proc)))
-    n_batches = -(-per_proc // batch_size)
-    # long sequences together waste less compute on padding
-    mine.sort(key=lambda i: len(seqs[i]))
-    results: list[tuple[int, float]] = []
-    model.eval()
+    per_proc = -(-len(groups) // n_proc)
+    mine = list(range(rank * per_proc, min(len(groups), (rank + 1) * per_proc)))
+    # similar lengths together waste less compute on padding
+    mine.sort(key=lambda i: sum(len(p) + len(r) for p, r in groups[i]))
+    n_batches = -(-per_proc // batch_size)  # equal on every process: FSDP/ZeRO forwards are collectives
+    results: list[tuple[int, list[float]]] = []
+    scorer.eval()
     with torch.no_grad():
         for b in range(n_batches):
             chunk = mine[b * batch_size : (b + 1) * batch_size]
-            batch = [seqs[i] for i in chunk] or [
-                seqs[0]
-            ]  # an idle process still joins the collective forward
-            values = score(model, pad_right(batch, pad_id, accelerator.device)).tolist()
-            results.extend(zip(chunk, values, strict=False))
+            batch = [groups[i] for i in chunk] or [groups[0]]  # an idle process still joins the forward
+            flat = score_groups(scorer, batch, pad_id, share_prompt, accelerator.device).tolist()
+            offset = 0
+            for i in chunk:
+                results.append((i, flat[offset : offset + len(groups[i])]))
+                offset += len(groups[i])
     everything = gather_object(results) if n_proc > 1 else results
     by_index = dict(everything)
-    return [by_index[i] for i in range(len(seqs))]
+    return [by_index[i] for i in range(len(groups))]
 
 
 def reference_replies(
@@ -213,16 +346,24 @@ def train_reward_model(
     pad_id = int(tokenizer.pad_token_id)
     encoded = [encode_ranking(tokenizer, r, config.max_length) for r in train]
     logger.info("RM on %d rankings (%d held out), initialised from %s", len(train), len(heldout), base)
-    model = reward_model_from_lm(base, dtype=torch.float32, device="cpu", tokenizer=tokenizer).train()
-    disable_dropout(model)
+    hf_model = reward_model_from_lm(base, dtype=torch.float32, device="cpu", tokenizer=tokenizer).train()
+    disable_dropout(hf_model)
+    freeze_lower_layers(hf_model, config.trainable_layers)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        hf_model.gradient_checkpointing_enable()
+    share = config.share_prompt
+    if share and hf_model.config._attn_implementation not in ("sdpa", "eager"):
+        logger.warning(
+            "%s attention takes no custom mask: scoring candidates without a shared prompt",
+            hf_model.config._attn_implementation,
+        )
+        share = False
     device = accelerator.device
 
     def loss_fn(
         model: torch.nn.Module, batch: list[EncodedRanking]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        rewards = score(model, pad_right([c for r in batch for c in r.candidates], pad_id, device))
+        rewards = score_groups(model, [r.candidates for r in batch], pad_id, share, device)
         table, better = ranking_tensors(batch, rewards)
         correct, n_pairs = pairwise_accuracy(table.detach(), better)
         # per-ranking accuracy, so that its sum over the batch divided by the rankings is the mean
@@ -232,7 +373,7 @@ def train_reward_model(
     model, state = fit(
         config,
         accelerator,
-        model,
+        RankingScorer(hf_model),
         encoded,
         loss_fn=loss_fn,
         weight_fn=lambda r: 1.0,
@@ -249,9 +390,10 @@ def train_reward_model(
     }
     if heldout:
         held = [encode_ranking(tokenizer, r, config.max_length) for r in heldout]
-        flat = [c for r in held for c in r.candidates]
-        rewards = torch.tensor(score_sequences(accelerator, model, flat, pad_id, config.eval_batch_size))
-        table, better = ranking_tensors(held, rewards)
+        scores = score_all(
+            accelerator, model, [r.candidates for r in held], pad_id, share, config.eval_batch_size
+        )
+        table, better = ranking_tensors(held, torch.tensor([x for group in scores for x in group]))
         correct, n_pairs = pairwise_accuracy(table, better)
         summary["heldout_pairs"] = int(n_pairs.sum())
         summary["heldout_accuracy"] = float(correct.sum()) / max(1, int(n_pairs.sum()))
@@ -264,10 +406,14 @@ def train_reward_model(
     pairs = reference_replies(train, references)
     if config.bias_examples > 0 and len(pairs) > config.bias_examples:
         pairs = random.Random(config.seed).sample(pairs, config.bias_examples)
-    ref_seqs = [encode_reply(tokenizer, p, reply, config.max_length) for p, reply in pairs]
-    bias = sum(score_sequences(accelerator, model, ref_seqs, pad_id, config.eval_batch_size)) / len(ref_seqs)
-    set_reward_bias(accelerator.unwrap_model(model), bias)
-    summary |= {"reward_bias": bias, "reference_replies": len(ref_seqs)}
+    refs = [
+        [encode_candidate(tokenizer, encode_prompt(tokenizer, p), reply, config.max_length)]
+        for p, reply in pairs
+    ]
+    ref_scores = score_all(accelerator, model, refs, pad_id, share, config.eval_batch_size)
+    bias = sum(group[0] for group in ref_scores) / len(refs)
+    set_reward_bias(hf_model, bias)
+    summary |= {"reward_bias": bias, "reference_replies": len(refs)}
 
     save_model(accelerator, model, tokenizer, run_dir)
     summary["wall_seconds"] = round(time.time() - started, 1)

@@ -1,0 +1,379 @@
+"""Iterations started from the admin page: `dialoop iterate` in a subprocess, its live progress, cancel.
+
+    jobs = job_manager(request)                       # one per app
+    job = await jobs.start(IterationSettings(ppo_steps=20), started_by="root")
+    jobs.progress(job)                                # stages, steps, metrics, ETA, log tail (polled)
+    jobs.cancel(job.id)                               # SIGINT: the run is marked failed, resumes next time
+
+The child is the real CLI on the server's store and home, in its own process group, so that cancelling
+stops its whole tree and a crash of either side leaves the other alone. Progress is read from what the
+loop writes anyway: `iter-N/iteration.json`, each stage's `metrics.jsonl` and `train_config.json`, and
+the stage lines the CLI prints. The child does not deploy: when the iteration succeeds the server
+hot-swaps to the new policy itself (if asked), so requests in flight keep the model they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Engine
+
+from dialoop.serve.models import ModelRegistry
+from dialoop.settings import settings
+from dialoop.store.db import session_scope
+from dialoop.store.models import ModelVersion
+from dialoop.train.metrics import read_metrics
+
+log = logging.getLogger(__name__)
+
+STAGES = ("sft", "rm", "ppo", "eval")
+STATE_FILE = "iteration.json"  # written by dialoop.loop after each stage
+_CLI = "from dialoop.cli import app; app(prog_name='dialoop')"
+_STAGE_LINE = re.compile(r"^(sft|rm|ppo|eval): (start|done|reused|skipped)\s*$")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_SHOWN_METRICS = ("loss", "accuracy", "score", "kl", "reply_length")
+_LOG_TAIL_BYTES = 64_000
+
+
+class IterationSettings(BaseModel):
+    """The knobs of one iteration, as `dialoop iterate` takes them (None: the stage config's default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str | None = Field(default=None, min_length=1, max_length=1000)
+    sft_steps: int | None = Field(default=None, ge=1, le=1_000_000)
+    sft_epochs: float | None = Field(default=None, gt=0, le=1000)
+    sft_lr: float | None = Field(default=None, gt=0, lt=1)
+    rm_steps: int | None = Field(default=None, ge=1, le=1_000_000)
+    rm_epochs: float | None = Field(default=None, gt=0, le=1000)
+    rm_lr: float | None = Field(default=None, gt=0, lt=1)
+    ppo_steps: int | None = Field(default=None, ge=1, le=1_000_000)
+    ppo_batch_size: int | None = Field(default=None, ge=1, le=65_536)
+    ppo_lr: float | None = Field(default=None, gt=0, lt=1)
+    ppo_beta: float | None = Field(default=None, ge=0, le=100)
+    max_new_tokens: int | None = Field(default=None, ge=1, le=8192)
+    eval_prompts: int = Field(default=128, ge=0, le=100_000)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    deploy: bool = True  # serve the new policy when the iteration succeeds
+
+    def cli_args(self) -> list[str]:
+        """The options of `dialoop iterate` (`--name=value`, so no value is read as an option)."""
+        return [
+            f"--{name.replace('_', '-')}={value}"
+            for name, value in self.model_dump().items()
+            if name != "deploy" and value is not None
+        ]
+
+
+class JobRunning(RuntimeError):
+    """An iteration is running already: one at a time."""
+
+
+@dataclass
+class IterationJob:
+    """One `dialoop iterate` started from the web, and what became of it."""
+
+    id: int
+    settings: IterationSettings
+    started_by: str
+    log_path: Path
+    started_at: float = field(default_factory=time.time)
+    status: str = "running"  # running | done | failed | cancelled
+    finished_at: float | None = None
+    returncode: int | None = None
+    error: str | None = None
+    iteration: int | None = None
+    policy_version: str | None = None  # the new policy's version name, once done
+    served: bool = False  # the server switched to it
+    cancel_requested: bool = False
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+def _tail(path: Path, max_bytes: int = _LOG_TAIL_BYTES) -> str:
+    """The end of a text file, without ANSI escapes; '' when it does not exist."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            data = f.read()
+    except FileNotFoundError:
+        return ""
+    return _ANSI.sub("", data.decode("utf-8", errors="replace")).replace("\r", "\n")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _stage_training(stage_dir: Path) -> dict[str, Any]:
+    """Step, total steps, ETA and a few metrics of a stage's run, from its metrics.jsonl."""
+    records = read_metrics(stage_dir, "train") if stage_dir.is_dir() else []
+    total = int(_read_json(stage_dir / "train_config.json").get("max_steps") or 0) or None
+    out: dict[str, Any] = {"step": 0, "total": total, "eta_s": None, "metrics": {}}
+    if not records:
+        return out
+    last = records[-1]
+    out["step"] = int(last.get("step", 0))
+    out["metrics"] = {
+        k: last[k] for k in _SHOWN_METRICS if isinstance(last.get(k), int | float) and last[k] is not None
+    }
+    first = records[0]
+    done = out["step"] - int(first.get("step", 0))
+    if total and done > 0:
+        per_step = (float(last["time"]) - float(first["time"])) / done
+        out["eta_s"] = round(max(0.0, per_step * (total - out["step"])), 1)
+    return out
+
+
+class JobManager:
+    """The server's iteration jobs: at most one runs at a time; finished ones stay listed."""
+
+    def __init__(
+        self, engine: Engine, registry: ModelRegistry, *, home: Path, work_dir: Path, grace_s: float = 20.0
+    ) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.home = home
+        self.work_dir = work_dir
+        self.grace_s = grace_s  # after a cancel, how long the child may take to stop before SIGKILL
+        self.jobs: dict[int, IterationJob] = {}
+        self._lock = threading.Lock()
+        atexit.register(self.shutdown)
+
+    def running(self) -> IterationJob | None:
+        return next((j for j in self.jobs.values() if j.status == "running"), None)
+
+    def get(self, job_id: int) -> IterationJob:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise LookupError(f"no iteration job {job_id}")
+        return job
+
+    def list(self) -> list[IterationJob]:
+        """Every job of this server run, newest first."""
+        return sorted(self.jobs.values(), key=lambda j: j.id, reverse=True)
+
+    def _child_env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "DIALOOP_HOME": str(self.home),
+            "DIALOOP_DATABASE_URL": self.engine.url.render_as_string(hide_password=False),
+            "PYTHONUNBUFFERED": "1",  # stage lines reach the log (and the page) as they happen
+            "COLUMNS": "120",
+            "NO_COLOR": "1",
+        }
+
+    async def start(self, iteration: IterationSettings, started_by: str) -> IterationJob:
+        """Start `dialoop iterate` with these settings; JobRunning when one is running already."""
+        with self._lock:
+            if self.running() is not None:
+                raise JobRunning("an iteration is running already: wait for it to end, or cancel it")
+            job_id = max(self.jobs, default=0) + 1
+            logs = self.home / "jobs"
+            logs.mkdir(parents=True, exist_ok=True)
+            log_path = logs / f"iterate-{time.strftime('%Y%m%d-%H%M%S')}-{job_id}.log"
+            command = [
+                sys.executable,
+                "-c",
+                _CLI,
+                "iterate",
+                f"--work-dir={self.work_dir}",
+                "--no-deploy",
+                *iteration.cli_args(),
+            ]
+            with log_path.open("wb") as out:
+                process = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=self._child_env(),
+                    start_new_session=True,  # its own process group: cancel reaches all its processes
+                )
+            job = IterationJob(job_id, iteration, started_by, log_path, process=process)
+            self.jobs[job_id] = job
+        log.info("iteration job %d started by %s (pid %d): %s", job_id, started_by, process.pid, log_path)
+        job.watcher = asyncio.create_task(self._watch(job), name=f"dialoop-iteration-job-{job_id}")
+        return job
+
+    async def _watch(self, job: IterationJob) -> None:
+        assert job.process is not None
+        job.returncode = await asyncio.to_thread(job.process.wait)
+        self._find_iteration(job)
+        if job.returncode == 0:
+            try:
+                await self._finish(job)
+            except Exception as exc:  # the iteration itself succeeded: say what went wrong after it
+                log.exception("iteration job %d: serving the new version failed", job.id)
+                job.error = f"the iteration finished, but serving its policy failed: {exc}"
+            job.status = "done"
+        elif job.cancel_requested:
+            job.status = "cancelled"
+            job.error = "cancelled: starting an iteration again continues where this one stopped"
+        else:
+            job.status = "failed"
+            job.error = self._error_of(job)
+        job.finished_at = time.time()
+        log.info("iteration job %d %s (exit code %s)", job.id, job.status, job.returncode)
+
+    async def _finish(self, job: IterationJob) -> None:
+        """Record the new policy's version name and, if asked, serve it."""
+        stages = self._state(job).get("stages", {})
+        version_id = (stages.get("ppo") or {}).get("version_id") or (stages.get("sft") or {}).get(
+            "version_id"
+        )
+        if version_id is None:
+            return
+
+        def name_of() -> str | None:
+            with session_scope(self.engine) as session:
+                version = session.get(ModelVersion, version_id)
+                return version.name if version is not None else None
+
+        job.policy_version = await asyncio.to_thread(name_of)
+        if job.settings.deploy and job.policy_version is not None:
+            await self.registry.set_served(job.policy_version)
+            job.served = True
+
+    def _error_of(self, job: IterationJob) -> str:
+        """The CLI's error line, else the log's last line, else the exit code."""
+        lines = [line.strip() for line in _tail(job.log_path).splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error:")]
+        if errors:
+            return errors[-1].removeprefix("error:").strip()
+        return lines[-1] if lines else f"dialoop iterate exited with code {job.returncode}"
+
+    def cancel(self, job_id: int) -> IterationJob:
+        """Interrupt a running job (SIGINT, then SIGKILL after `grace_s`); ValueError when not running."""
+        job = self.get(job_id)
+        if job.status != "running" or job.process is None:
+            raise ValueError(f"iteration job {job_id} is {job.status}, not running")
+        job.cancel_requested = True
+        process = job.process
+        self._signal(process, signal.SIGINT)
+
+        def kill_if_alive() -> None:
+            if process.poll() is None:
+                log.warning("iteration job %d ignored SIGINT for %.0f s: killing it", job.id, self.grace_s)
+                self._signal(process, signal.SIGKILL)
+
+        timer = threading.Timer(self.grace_s, kill_if_alive)
+        timer.daemon = True
+        timer.start()
+        return job
+
+    @staticmethod
+    def _signal(process: subprocess.Popen[bytes], sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+
+    def shutdown(self) -> None:
+        """Stop running children (the server is exiting); an interrupted iteration resumes next time."""
+        for job in self.jobs.values():
+            if job.process is not None and job.process.poll() is None:
+                job.cancel_requested = True
+                self._signal(job.process, signal.SIGINT)
+                try:
+                    job.process.wait(timeout=self.grace_s)
+                except subprocess.TimeoutExpired:
+                    self._signal(job.process, signal.SIGKILL)
+
+    # --- progress ---------------------------------------------------------------------------------
+
+    def _find_iteration(self, job: IterationJob) -> Path | None:
+        """The `iter-N` directory of the job: the newest one whose state file it wrote."""
+        if job.iteration is not None:
+            return self.work_dir / f"iter-{job.iteration}"
+        found: list[int] = []
+        for path in self.work_dir.glob("iter-*/" + STATE_FILE):
+            number = path.parent.name.removeprefix("iter-")
+            # the loop writes the state file as the iteration starts: older files are other jobs'
+            if number.isdigit() and path.stat().st_mtime >= job.started_at - 1:
+                found.append(int(number))
+        if not found:
+            return None
+        job.iteration = max(found)
+        return self.work_dir / f"iter-{job.iteration}"
+
+    def _state(self, job: IterationJob) -> dict[str, Any]:
+        folder = self._find_iteration(job)
+        return _read_json(folder / STATE_FILE) if folder is not None else {}
+
+    def progress(self, job: IterationJob) -> dict[str, Any]:
+        """What the page shows of a job: its status, each stage's state and training progress, the log."""
+        folder = self._find_iteration(job)
+        state = _read_json(folder / STATE_FILE) if folder is not None else {}
+        text = _tail(job.log_path)
+        said: dict[str, str] = {}
+        for line in text.splitlines():
+            matched = _STAGE_LINE.match(line.strip())
+            if matched:
+                said[matched.group(1)] = matched.group(2)
+        stages = []
+        for name in STAGES:
+            record = (state.get("stages") or {}).get(name)
+            if record is not None:
+                status, seconds, note = record.get("status"), record.get("seconds"), record.get("note", "")
+            elif said.get(name) == "start":
+                status = "running" if job.status == "running" else job.status
+                seconds, note = None, ""
+            else:
+                status, seconds, note = said.get(name, "pending"), None, ""
+            entry: dict[str, Any] = {"name": name, "status": status, "seconds": seconds, "note": note}
+            if name != "eval" and folder is not None and status in ("running", "trained", "resumed"):
+                entry.update(_stage_training(folder / name))
+            stages.append(entry)
+        end = job.finished_at or time.time()
+        return {
+            "id": job.id,
+            "status": job.status,
+            "started_by": job.started_by,
+            "started_at": job.started_at,
+            "elapsed_s": round(end - job.started_at, 1),
+            "iteration": job.iteration,
+            "error": job.error,
+            "returncode": job.returncode,
+            "policy_version": job.policy_version,
+            "served": job.served,
+            "settings": job.settings.model_dump(),
+            "stages": stages,
+            "log_tail": "\n".join(text.splitlines()[-40:]),
+        }
+
+
+_create_lock = threading.Lock()
+
+
+def job_manager(request: Request) -> JobManager:
+    """The app's job manager, made on first use with the server's store, registry and home."""
+    with _create_lock:
+        jobs: JobManager | None = getattr(request.app.state, "jobs", None)
+        if jobs is None:
+            home = Path(settings().home)
+            jobs = JobManager(
+                request.app.state.engine, request.app.state.registry, home=home, work_dir=home / "runs"
+            )
+            request.app.state.jobs = jobs
+    return jobs

@@ -1,0 +1,151 @@
+"""The report card: its metrics on hand-made cases, KL on real forward passes, and the written report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dialoop.evaluate import (
+    EvalConfig,
+    ModelSpec,
+    evaluate_models,
+    pair_accuracy,
+    sequence_kl,
+    stderr,
+    targets,
+    win_rate,
+    write_report,
+)
+from dialoop.modeling import Completion, load_causal_lm, load_tokenizer, save_model_dir
+from dialoop.modeling.heads import reward_model_from_lm
+from dialoop.modeling.tiny import make_tiny_model
+
+
+def test_win_rate_counts_a_tie_as_half() -> None:
+    assert win_rate([1.0, 0.5, 0.0, 0.75], [0.5, 0.5, 1.0, 0.75]) == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+    assert win_rate([0.2, 0.3], [0.2, 0.3]) == 0.5  # a model against itself
+    assert math.isnan(win_rate([], []))
+    with pytest.raises(ValueError, match="baseline"):
+        win_rate([1.0], [1.0, 0.0])
+
+
+def test_pair_accuracy_follows_the_known_gold_order_and_skips_gold_ties() -> None:
+    gold = [[1.0, 0.5, 0.0, 0.5]]  # pairs with different gold: (0,1) (0,2) (0,3) (1,2) (2,3); (1,3) tied
+    assert pair_accuracy([[3.0, 2.0, 0.0, 1.0]], gold) == (1.0, 5)  # (1,3) disagreeing does not count
+    # (0,3) right, (1,2) a predicted tie: half, (0,1) (0,2) (2,3) wrong
+    assert pair_accuracy([[2.0, 5.0, 5.0, 1.0]], gold) == (pytest.approx(1.5 / 5), 5)
+    # groups add up pair by pair, whatever their size
+    accuracy, pairs = pair_accuracy([[0.0, 1.0], [1.0, 0.0, 2.0]], [[1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert (accuracy, pairs) == (pytest.approx(1 / 3), 3)
+    assert math.isnan(pair_accuracy([[1.0, 2.0]], [[0.5, 0.5]])[0])
+
+
+def test_stderr_of_the_mean() -> None:
+    assert stderr([1.0, 3.0]) == pytest.approx(1.0)  # sd sqrt(2), / sqrt(2)
+    assert math.isnan(stderr([1.0]))
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("eval-models")
+    return make_tiny_model(root / "a", seed=0), make_tiny_model(root / "b", seed=1)
+
+
+PROMPTS = [[1, 9690, 198, 2683, 314], [1, 4093, 198], [1, 17535, 30, 2683, 314, 253, 1345]]
+REPLIES = [
+    Completion([28, 418, 2], True),
+    Completion([1345, 28, 418, 253, 9690, 30], False),
+    Completion([2], True),
+]
+
+
+def test_kl_of_a_model_to_itself_is_zero(two_models: tuple[Path, Path]) -> None:
+    model = load_causal_lm(two_models[0])
+    assert sequence_kl(model, model, PROMPTS, REPLIES, temperature=0.7, batch_size=2) == [0.0, 0.0, 0.0]
+
+
+def test_kl_sums_per_token_log_ratios_whatever_the_padding(two_models: tuple[Path, Path]) -> None:
+    policy, ref = load_causal_lm(two_models[0]), load_causal_lm(two_models[1])
+    temperature = 0.7
+    batched = sequence_kl(policy, ref, PROMPTS, REPLIES, temperature=temperature, batch_size=3)
+
+    def logprob(model: torch.nn.Module, prompt: list[int], reply: list[int]) -> float:
+        # one unpadded sequence at a time: the reference computation
+        ids = torch.tensor([prompt + reply])
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float() / temperature
+        return float(torch.log_softmax(logits, -1).gather(1, torch.tensor(reply).unsqueeze(1)).sum())
+
+    with torch.no_grad():
+        expected = [
+            logprob(policy, p, r.token_ids) - logprob(ref, p, r.token_ids)
+            for p, r in zip(PROMPTS, REPLIES, strict=True)
+        ]
+    assert batched == pytest.approx(expected, abs=1e-4)
+    assert any(abs(x) > 1e-3 for x in batched)  # two different random models do differ
+
+
+def test_report_card_of_models_with_a_reward_model(two_models: tuple[Path, Path], tmp_path: Path) -> None:
+    rm_dir = tmp_path / "rm"
+    torch.manual_seed(0)
+    save_model_dir(reward_model_from_lm(two_models[0]), load_tokenizer(two_models[0]), rm_dir)
+    ppo_run = tmp_path / "ppo"
+    ppo_run.mkdir()
+    (ppo_run / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps({"step": s, "kind": "train", "score": 0.1 * s, "kl": 0.01 * s}) + "\n"
+            for s in (1, 2, 3)
+        )
+    )
+    config = EvalConfig(prompts=5, max_new_tokens=6, batch_size=4, progress=False)
+    models = [ModelSpec("sft", two_models[0], 1), ModelSpec("policy", two_models[1], 2)]
+    report, samples = evaluate_models(
+        models, sft="sft", reward_model=rm_dir, config=config, ppo_runs=[(2, ppo_run)]
+    )
+
+    sft, policy = report["models"]
+    assert sft["kl_to_sft"] == 0.0 and sft["win_rate_vs_sft"] == 0.5
+    assert math.isfinite(policy["kl_to_sft"]) and 0 <= policy["win_rate_vs_sft"] <= 1
+    for card in report["models"]:
+        assert {"gold_mean", "gold_stderr", "eos_rate", "mean_length_tokens", "gold_by_kind"} <= set(card)
+        assert 1 <= card["mean_length_tokens"] <= 6
+    # the RM compares every model's reply plus extra samples of the last one: 4 replies per prompt
+    assert report["reward_model"]["candidates_per_prompt"] == 4
+    assert len(samples[1].extra) == 2 and len(samples[0].extra) == 0
+    assert report["ppo"][0]["score"] == [0.1, 0.2, 0.30000000000000004]
+    # the same prompts and seeds: sampling again gives the same replies
+    again, _ = evaluate_models(models[:1], config=config)
+    assert again["models"][0]["gold_mean"] == sft["gold_mean"]
+
+    html_path = write_report(report, tmp_path / "report", samples)
+    out = html_path.parent
+    written = json.loads((out / "report.json").read_text())  # strict JSON: NaN became null
+    assert written["plots"] == {
+        "ppo": "ppo_steps.png",
+        "gold": "gold_per_iteration.png",
+        "length": "reply_length.png",
+    }
+    for name in written["plots"].values():
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f'src="{name}"' in html_path.read_text()
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 10
+
+
+def test_targets_read_the_card() -> None:
+    report = {
+        "models": [
+            {"name": "base", "gold_mean": 0.2, "win_rate_vs_sft": 0.3},
+            {"name": "sft", "gold_mean": 0.5, "win_rate_vs_sft": 0.5},
+            {"name": "policy-2", "gold_mean": 0.6, "win_rate_vs_sft": 0.6},
+        ],
+        "reward_model": {"accuracy": 0.69},
+    }
+    assert targets(report, base="base", sft="sft", policy="policy-2") == {
+        "gold_policy_gt_sft": True,
+        "gold_sft_gt_base": True,
+        "win_rate_vs_sft_ge_60": True,
+        "rm_accuracy_ge_70": False,
+    }
