@@ -112,9 +112,11 @@ def test_report_card_of_models_with_a_reward_model(two_models: tuple[Path, Path]
     for card in report["models"]:
         assert {"gold_mean", "gold_stderr", "eos_rate", "mean_length_tokens", "gold_by_kind"} <= set(card)
         assert 1 <= card["mean_length_tokens"] <= 6
-    # the RM compares every model's reply plus extra samples of the last one: 4 replies per prompt
-    assert report["reward_model"]["candidates_per_prompt"] == 4
-    assert len(samples[1].extra) == 2 and len(samples[0].extra) == 0
+    # the RM ranks K = 4 replies of the last model per prompt, and the two models' replies
+    rm = report["reward_model"]
+    assert rm["candidates_per_prompt"] == 4 and rm["model"] == "policy"
+    assert len(samples[1].extra) == 3 and len(samples[0].extra) == 0
+    assert rm["pairs"] <= 5 * 6 and rm["pairs_across_models"] <= 5
     assert report["ppo"][0]["score"] == [0.1, 0.2, 0.30000000000000004]
     # the same prompts and seeds: sampling again gives the same replies
     again, _ = evaluate_models(models[:1], config=config)

@@ -4,10 +4,7 @@ and cancellation when a client disconnects."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -232,39 +229,31 @@ def test_a_client_that_gives_up_on_a_non_stream_reply_cancels_it(live: Live) -> 
     assert stats.tokens_generated - tokens < 1500
 
 
-def test_dialoop_serve_starts_and_says_how_to_create_the_first_admin(
-    tiny_model_dir: Path, tmp_path: Path
+def test_an_empty_store_says_how_to_create_the_first_admin(
+    sqlite_url: str, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = tmp_path / "serve.log"
-    command = [
-        str(Path(sys.executable).parent / "dialoop"),
-        "serve",
-        "--model",
-        str(tiny_model_dir),
-        "--port",
-        str(port),
-        "--database-url",
-        f"sqlite:///{tmp_path / 'store.db'}",
-    ]
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"}
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, log.read_text()
-            try:
-                response = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.2)
-        assert response.status_code == 401 and "API key" in response.json()["error"]["message"]
-    finally:
-        process.terminate()
-        process.wait(30)
-    assert "dialoop users add NAME --role admin" in log.read_text()
+    app = create_app(
+        database_url=sqlite_url, model=tiny_model_dir, serve_settings=ServeSettings(preload=False)
+    )
+    with caplog.at_level(logging.WARNING, logger="dialoop.serve.app"), TestClient(app):
+        pass
+    assert "dialoop users add NAME --role admin" in caplog.text
+    with session_scope(app.state.engine) as session:
+        create_user(session, "root", "admin", "root-password")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dialoop.serve.app"), TestClient(app):
+        pass
+    assert "users add" not in caplog.text
+
+
+def test_the_serving_benchmark_runs_end_to_end(tiny_model_dir: Path) -> None:
+    """`dialoop bench serve` starts `dialoop serve` in a subprocess: this also covers the CLI."""
+    from dialoop.bench.serve import bench_serve
+
+    result = bench_serve(tiny_model_dir, concurrency=(1, 2), rounds=1, max_tokens=4, threads=1)
+    one, two = result["levels"]
+    assert (one["concurrency"], one["requests"], two["requests"]) == (1, 1, 2)
+    assert two["batch_sizes"] == [2]  # two simultaneous streams share one batch
+    assert 0 < one["completion_tokens"] <= 4 and one["tokens_per_s"] > 0
+    assert 0 < two["ttft_p50_ms"] <= two["ttft_p95_ms"]
+    assert result["speedup_at"] == 2 and isinstance(result["meets_target"], bool)

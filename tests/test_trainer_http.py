@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 from fastapi.routing import APIRoute
-from starlette.routing import BaseRoute
 from sqlalchemy import func, select
+from starlette.routing import BaseRoute
 from trainer_web import VERSION, chat_once, live_trainer_server
 from webclient import Live, WebClient, live_web_server
 
@@ -225,10 +225,11 @@ def test_a_suggestion_replaces_the_reply_and_stale_or_foreign_ones_are_refused(l
         f"/api/trainer/demonstrations/{did}/turns",
         {"role": "user", "content": "x", "suggestion": ref},
     )
-    assert stale.status_code == 422  # collect: only an assistant turn can start from a suggestion
+    assert stale.status_code == 409 and "changed since" in stale.json()["detail"]
     replaced = add_turn(tess, did, "assistant", text, suggestion=ref, replace_last=True)
     turns = tess.api("GET", f"/api/trainer/demonstrations/{did}").json()["turns"]
-    assert [t["id"] for t in turns][1:] == [replaced["id"]] and replaced["id"] != mine["id"]
+    assert [t["content"] for t in turns] == ["Name a colour.", text]
+    assert turns[1]["from_suggestion"] and replaced["from_suggestion"] and not mine["from_suggestion"]
     # another suggestion of the same set can still replace it
     add_turn(
         tess,

@@ -2,8 +2,8 @@
 
     dialoop bench serve --json
 
-Starts the real server (uvicorn on loopback, a throwaway store) on the embedded default model, then for
-each concurrency C runs `rounds` rounds of C simultaneous streaming `/v1/chat/completions` requests.
+Starts `dialoop serve` in its own process (loopback, a throwaway store) on the embedded default model,
+then for each concurrency C runs `rounds` rounds of C simultaneous streaming chat completion requests.
 Target: aggregate tokens/s at 8 streams >= 3x one stream (requests that arrive together decode together).
 """
 
@@ -12,24 +12,27 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-import torch
 
 from dialoop.modeling.device import pick_device
 from dialoop.modeling.loading import default_model_dir
-from dialoop.serve.app import create_app, serve_in_background
-from dialoop.serve.deps import ServeSettings
 from dialoop.settings import settings
 from dialoop.store.accounts import create_api_key, create_user
 from dialoop.store.db import session_scope
+from dialoop.store.migrate import open_store
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +121,55 @@ async def _level(
     return ttfts, tokens, wall
 
 
+@contextmanager
+def _server_process(
+    model: Path, database_url: str, threads: int | None, max_streams: int, log: Path
+) -> Iterator[str]:
+    """`dialoop serve` in its own process (as in production: the clients do not share its GIL)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-c", "from dialoop.cli import app; app()", "serve", "--model", str(model)]
+    command += ["--port", str(port), "--database-url", database_url, "--log-level", "warning"]
+    if threads is not None:
+        command += ["--threads", str(threads)]
+    env = {
+        **os.environ,
+        "DIALOOP_SERVE_MAX_BATCH": str(max(16, max_streams)),
+        "DIALOOP_SERVE_MAX_QUEUE": str(4 * max_streams),
+    }
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited with {process.returncode}:\n{log.read_text()[-2000:]}")
+            try:
+                httpx.get(f"{url}/v1/models", timeout=5)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the server did not start within 600 s") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _stats(url: str, key: str) -> dict[str, Any]:
+    response = httpx.get(f"{url}/v1/admin/stats", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    response.raise_for_status()
+    stats: dict[str, Any] = response.json()
+    return stats
+
+
 def bench_serve(
     model: str | Path | None = None,
     *,
@@ -126,31 +178,30 @@ def bench_serve(
     max_tokens: int = 64,
     threads: int | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmark against a real server on loopback; returns the figures as a JSON-able dict.
+    """Run the benchmark against `dialoop serve` on loopback; returns the figures as a JSON-able dict.
 
-    `threads` sets torch's CPU threads for this process (on a shared CPU, 1 avoids oversubscription).
+    `threads` sets the server's torch CPU threads (on a shared CPU, 1 avoids oversubscription).
     """
     if not concurrency or min(concurrency) < 1 or rounds < 1 or max_tokens < 1:
         raise ValueError("concurrency levels, rounds and max_tokens must all be >= 1")
-    if threads is not None:
-        torch.set_num_threads(threads)
-    model_path = Path(model) if model is not None else default_model_dir()
-    serve_settings = ServeSettings(max_batch=max(16, *concurrency), max_queue=4 * max(concurrency))
+    model_path = Path(model).resolve() if model is not None else default_model_dir()
     home = settings().home
     home.mkdir(parents=True, exist_ok=True)
+    levels: list[LevelResult] = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-", dir=home) as tmp:
-        app = create_app(
-            database_url=f"sqlite:///{tmp}/store.db", model=model_path, serve_settings=serve_settings
-        )
-        with session_scope(app.state.engine) as session:
-            _, key = create_api_key(session, create_user(session, "bench", "user", "bench-password"))
-        worker = app.state.worker
-        levels: list[LevelResult] = []
-        with serve_in_background(app) as url:
+        database_url = f"sqlite:///{tmp}/store.db"
+        engine = open_store(database_url)
+        with session_scope(engine) as session:
+            _, key = create_api_key(session, create_user(session, "bench", "admin", "bench-password"))
+        engine.dispose()
+        with _server_process(
+            model_path, database_url, threads, max(concurrency), Path(tmp) / "serve.log"
+        ) as url:
             asyncio.run(_level(url, key, 1, 1, 8))  # warm up: first-call allocations, lazy inits
             for c in concurrency:
-                seen = worker.stats.batches
+                before = _stats(url, key)["batches"]
                 ttfts, tokens, wall = asyncio.run(_level(url, key, c, rounds, max_tokens))
+                after = _stats(url, key)
                 levels.append(
                     LevelResult(
                         concurrency=c,
@@ -160,7 +211,7 @@ def bench_serve(
                         tokens_per_s=round(tokens / wall, 2),
                         ttft_p50_ms=round(float(np.percentile(ttfts, 50)) * 1000, 1),
                         ttft_p95_ms=round(float(np.percentile(ttfts, 95)) * 1000, 1),
-                        batch_sizes=list(worker.stats.batch_sizes)[seen:],
+                        batch_sizes=after["recent_batch_sizes"][-(after["batches"] - before) :],
                     )
                 )
                 log.info("concurrency %d: %.1f tokens/s", c, levels[-1].tokens_per_s)
@@ -171,7 +222,7 @@ def bench_serve(
         "benchmark": "serve",
         "model": str(model_path),
         "device": str(pick_device()),
-        "torch_threads": torch.get_num_threads(),
+        "server_torch_threads": threads if threads is not None else "default",
         "max_tokens": max_tokens,
         "rounds": rounds,
         "levels": [asdict(lv) for lv in levels],

@@ -1,10 +1,10 @@
 """The report card: models sampled on held-out prompts (the sim eval split) and scored by the gold scorer.
 
 Per model: mean gold score, gold win rate against the SFT model (ties count half), EOS rate, mean reply
-length, KL to the SFT model on the model's own samples. For the reward model: pairwise accuracy
-against the noise-free gold order on held-out comparisons (each eval prompt's replies from every model
-evaluated, topped up with samples of the last one). Every model sees the same prompts with the same
-per-row sampling seeds, so differences between models are not sampling luck of one of them.
+length, KL to the SFT model on the model's own samples. For the reward model: pairwise accuracy against
+the noise-free gold order on held-out comparisons (K replies of the last model to each eval prompt, as
+in the comparison tasks it learned from; and across the models evaluated). Every model sees the same
+prompts with the same per-row sampling seeds, so differences between models are not sampling luck.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def sample_models(
     ordered = sorted(models, key=lambda m: m.name != reference)  # the reference first: it stays loaded
     ref_model: Any = None
     done: dict[str, ModelSamples] = {}
-    extra_rows = max(0, config.rm_candidates - len(models))
+    extra_rows = config.rm_candidates - 1  # the last model's held-out comparison tasks: K replies per prompt
     for spec in ordered:
         started = time.perf_counter()
         model, tokenizer = load_model_and_tokenizer(spec.path, dtype=torch.float32)
@@ -212,25 +212,36 @@ def reward_scores(
 def reward_model_accuracy(
     path: Path, prompts: Sequence[Prompt], samples: Sequence[ModelSamples], config: EvalConfig
 ) -> dict[str, Any]:
-    """Pairwise accuracy of the RM at `path` against the gold order on the eval prompts' replies."""
-    groups_text: list[list[str]] = []
-    groups_gold: list[list[float]] = []
-    for i, prompt in enumerate(prompts):
-        replies = [s.replies[i] for s in samples] + [extra[i] for s in samples for extra in s.extra]
-        groups_text.append([r.text for r in replies])
-        groups_gold.append([gold_report(prompt, r.text, finished=r.finished).score for r in replies])
+    """Pairwise accuracy of the RM at `path` against the gold order on held-out comparisons.
+
+    `accuracy`: comparison tasks as trainers get them, K replies of the last model per eval prompt;
+    `accuracy_across_models`: the replies of the different models to each prompt."""
+    last = samples[-1]
+    tasks = [[last.replies[i]] + [extra[i] for extra in last.extra] for i in range(len(prompts))]
+    across = [[s.replies[i] for s in samples] for i in range(len(prompts))] if len(samples) > 1 else []
+    groups = tasks + across
+    gold = [
+        [gold_report(p, r.text, finished=r.finished).score for r in group]
+        for p, group in zip([*prompts, *prompts[: len(across)]], groups, strict=True)
+    ]
     started = time.perf_counter()
     model = load_reward_model(path, dtype=torch.float32)
     tokenizer = load_tokenizer(path)
-    predicted = reward_scores(model, tokenizer, prompts, groups_text, config)
+    predicted = reward_scores(
+        model, tokenizer, [*prompts, *prompts[: len(across)]], [[r.text for r in g] for g in groups], config
+    )
     del model
-    accuracy, pairs = pair_accuracy(predicted, groups_gold)
+    accuracy, pairs = pair_accuracy(predicted[: len(tasks)], gold[: len(tasks)])
+    across_accuracy, across_pairs = pair_accuracy(predicted[len(tasks) :], gold[len(tasks) :])
     return {
         "path": str(path),
         "accuracy": accuracy,
         "pairs": pairs,
         "prompts": len(prompts),
-        "candidates_per_prompt": len(groups_text[0]) if groups_text else 0,
+        "candidates_per_prompt": len(tasks[0]) if tasks else 0,
+        "model": last.spec.name,
+        "accuracy_across_models": across_accuracy,
+        "pairs_across_models": across_pairs,
         "seconds": round(time.perf_counter() - started, 2),
     }
 

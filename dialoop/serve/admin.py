@@ -80,8 +80,11 @@ add_nav_link("A/B", "/ab", "trainer", "admin")
 
 MAX_AB_PROMPTS = 200
 REPORT_FILE = re.compile(r"[\w.-]+\.(png|json|jsonl|html)")
-# the report page is opened as a sandboxed document: it cannot script, nor read this site's cookies
-REPORT_HTML_CSP = "sandbox; default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'"
+# the report page may quote model replies: it is opened sandboxed with no script at all (its own origin
+# kept, so that its plots load with the admin's cookie)
+REPORT_HTML_CSP = (
+    "sandbox allow-same-origin; default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'"
+)
 
 
 def _redirect(path: str) -> RedirectResponse:

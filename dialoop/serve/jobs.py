@@ -38,7 +38,7 @@ from dialoop.serve.models import ModelRegistry
 from dialoop.settings import settings
 from dialoop.store.db import session_scope
 from dialoop.store.models import ModelVersion
-from dialoop.train.metrics import read_metrics
+from dialoop.train.metrics import METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +127,25 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _train_records(stage_dir: Path) -> list[dict[str, Any]]:
+    """The `train` records of a running stage's metrics.jsonl; a line still being written is left out."""
+    try:
+        text = (stage_dir / METRICS_FILE).read_text()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in text.splitlines(keepends=True):
+        if line.endswith("\n"):
+            with contextlib.suppress(json.JSONDecodeError):
+                record = json.loads(line)
+                if isinstance(record, dict) and record.get("kind") == "train":
+                    records.append(record)
+    return records
+
+
 def _stage_training(stage_dir: Path) -> dict[str, Any]:
     """Step, total steps, ETA and a few metrics of a stage's run, from its metrics.jsonl."""
-    records = read_metrics(stage_dir, "train") if stage_dir.is_dir() else []
+    records = _train_records(stage_dir)
     total = int(_read_json(stage_dir / "train_config.json").get("max_steps") or 0) or None
     out: dict[str, Any] = {"step": 0, "total": total, "eta_s": None, "metrics": {}}
     if not records:

@@ -76,7 +76,6 @@ from dialoop.collect.common import context_of, sampling_record
 from dialoop.collect.demonstrations import EDITABLE
 from dialoop.collect.tasks import DEFAULT_K, DEFAULT_OVERLAP, eligible_originals
 from dialoop.formats.records import ChatMessage
-from dialoop.loop import ensure_base_version
 from dialoop.serve.auth import csrf_protect, require_role
 from dialoop.serve.deps import EngineDep, RegistryDep, ServeSettings, ServeSettingsDep, SessionDep, WorkerDep
 from dialoop.serve.models import LoadedModel, ModelEntry, ModelRegistry, UnknownModel
@@ -109,7 +108,9 @@ class TrainerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="DIALOOP_TRAINER_", extra="ignore")
 
-    k: int = Field(default=DEFAULT_K, ge=2, le=16)  # replies per task: the original and k-1 sampled alternatives
+    k: int = Field(
+        default=DEFAULT_K, ge=2, le=16
+    )  # replies per task: the original and k-1 sampled alternatives
     overlap: int = Field(default=DEFAULT_OVERLAP, ge=1)  # rankings each task wants, from different trainers
     tasks_per_refill: int = Field(default=4, ge=1)  # tasks made at once when a trainer finds none open
     alt_models: str = ""  # comma-separated version names that write alternatives too (besides the served)
@@ -184,6 +185,9 @@ def version_id_of(session: Session, entry: ModelEntry) -> int:
     what it writes is credited to a version (as an iteration does with its base model)."""
     if entry.version_id is not None:
         return entry.version_id
+    # imported here: the iteration module pulls in the training code, which the server needs only now
+    from dialoop.loop import ensure_base_version
+
     return ensure_base_version(session, entry.path).id
 
 

@@ -1,8 +1,9 @@
 """The generation worker: one loop that batches concurrent requests and streams their tokens back.
 
-Requests wait in a bounded queue. The loop takes the oldest one, waits `batch_window_s` for others to
-arrive, and decodes every queued request for the same model in one `sample` call on a background
-thread; each row's new text reaches its asyncio consumer through `on_step` as soon as it is decoded.
+Requests wait in a bounded queue. The loop takes the oldest one, waits for others to arrive (until
+`batch_window_s` passes with no new arrival, at most 5 windows), and decodes every queued request for
+the same model in one `sample` call on a background thread; each row's new text reaches its asyncio
+consumer through `on_step` as soon as it is decoded.
 A consumer that goes away (client disconnect, stop button) cancels its rows at the next step.
 A request that arrives while a batch decodes waits for that batch (no continuous batching: one
 `sample` call decodes a fixed set of rows; finished rows leave it, new ones cannot join).
@@ -96,7 +97,7 @@ class WorkerStats:
 
     def as_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if not isinstance(v, deque)}
-        out["recent_batch_sizes"] = list(self.batch_sizes)[-20:]
+        out["recent_batch_sizes"] = list(self.batch_sizes)[-100:]
         return out
 
 
@@ -470,8 +471,13 @@ class GenerationWorker:
             if not self._pending:
                 self._wake.clear()
                 continue
-            # requests that arrive together decode together
-            await asyncio.sleep(self.batch_window_s)
+            # requests that arrive together decode together; a busy event loop spreads "together" out
+            # a little, so keep waiting while requests keep coming (bounded, to cap the added latency)
+            for _ in range(5):
+                arrived = len(self._pending)
+                await asyncio.sleep(self.batch_window_s)
+                if len(self._pending) == arrived or sum(g.n for g in self._pending) >= self.max_batch:
+                    break
             batch = self._take_batch()
             if not batch:
                 continue

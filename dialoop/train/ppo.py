@@ -1,15 +1,15 @@
 """PPO from human feedback (InstructGPT): the SFT policy learns to please the reward model, with a KL leash.
 
-    dialoop train ppo --reward-model runs/rm --model runs/sft --out runs/ppo      # prompts from the store
+    dialoop train ppo --model runs/sft --reward-model runs/rm --out runs/ppo      # prompts from the store
     dialoop train ppo --reward-model runs/rm --prompts prompts.txt --out runs/ppo
-    accelerate launch --num_processes 2 --cpu -m dialoop.cli train ppo ...        # DDP, same curve
+    accelerate launch --num_processes 2 --cpu -m dialoop.train ppo ...           # DDP, the same curve
 
 Each step: sample one reply per prompt from the policy (seeded per row), score prompt + reply with the frozen
 reward model (a fixed score for replies without EOS) and the frozen reference (= the SFT model), turn that
 into per-token rewards -beta * KL + score at the last token, estimate advantages with GAE against the value
 model (initialised from the reward model), and take `ppo_epochs` passes of clipped policy and value updates.
-Making the experience lives in `rollout.py`, the math in `ppo_math.py`; this file reads top to bottom:
-config, data, models, the step, the run.
+Making the experience lives in `rollout.py`, the math in `ppo_math.py`, the config in `ppo_config.py`; this
+file reads top to bottom: data, models, the trainer's step, the run.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from dialoop.formats.records import ChatExample, ChatMessage
 from dialoop.modeling.chat import encode_prompt, eos_token_ids, pad_token_id
 from dialoop.modeling.generation import SamplingParams, sample
 from dialoop.modeling.heads import load_reward_model, reward_model_from_lm
-from dialoop.modeling.loading import load_causal_lm
+from dialoop.modeling.loading import load_causal_lm, load_tokenizer
 from dialoop.train.checkpoint import CheckpointManager
 from dialoop.train.common import (
     NonFiniteGuard,
@@ -51,9 +51,10 @@ from dialoop.train.common import (
     total_steps,
     write_json_atomic,
 )
-from dialoop.train.config import TrainConfig
 from dialoop.train.loop import make_optimizer
 from dialoop.train.metrics import MetricsLogger
+from dialoop.train.ppo_attention import restore_sdpa, use_fp32_attention, wants_fp32_attention
+from dialoop.train.ppo_config import PPOConfig
 from dialoop.train.ppo_math import (
     KLController,
     clipped_policy_loss,
@@ -70,116 +71,20 @@ from dialoop.train.rollout import (
     Experience,
     RewardFn,
     apply_missing_eos_score,
-    concat_columns,
     function_scores,
-    in_chunks,
+    length_buckets,
     pack_rollouts,
-    response_logits,
+    reply_logits,
+    reply_token_index,
     response_logprobs,
     response_values,
     reward_model_scores,
+    scatter_replies,
 )
 
+__all__ = ["PPOConfig", "PPOModels", "PPOTrainer", "load_ppo_models", "load_prompts", "train_ppo"]
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PPOConfig(TrainConfig):
-    """PPO (`dialoop train ppo`): `--model` is the SFT policy (and the reference), `--reward-model` the RM."""
-
-    reward_model: str | None = field(
-        default=None, metadata={"help": "Reward model dir (written by `dialoop train rm`); required."}
-    )
-    value_model: str | None = field(
-        default=None, metadata={"help": "Initial value model (default: the reward model)."}
-    )
-    prompts: Path | None = field(
-        default=None, metadata={"help": "Plain-text prompts, one user turn per line (instead of --data)."}
-    )
-    lr: float = field(default=3e-6, metadata={"help": "Peak learning rate of policy and value (AdamW)."})
-    batch_size: int = field(default=16, metadata={"help": "Prompts (episodes) per PPO step, all processes."})
-    mini_batch_size: int = field(
-        default=16, metadata={"help": "Episodes per optimizer update (batch / mini-batch updates per epoch)."}
-    )
-    micro_batch_size: int = field(
-        default=16, metadata={"help": "Sequences per forward pass in one process (accumulation)."}
-    )
-    ppo_epochs: int = field(default=2, metadata={"help": "Passes over each batch of rollouts."})
-    max_new_tokens: int = field(default=128, metadata={"help": "Longest reply sampled, in tokens."})
-    max_length: int = field(
-        default=640, metadata={"help": "Longest prompt + reply in tokens (longer prompts are left out)."}
-    )
-    temperature: float = field(
-        default=0.7, metadata={"help": "Sampling temperature (log-probs use the same temperature)."}
-    )
-    beta: float = field(default=0.02, metadata={"help": "KL coefficient (initial value when adaptive)."})
-    kl_target: float | None = field(
-        default=None, metadata={"help": "Per-reply KL target of the adaptive controller; unset: fixed beta."}
-    )
-    kl_horizon: int = field(
-        default=10000, metadata={"help": "Horizon (episodes) of the adaptive KL controller."}
-    )
-    gamma: float = field(default=1.0, metadata={"help": "Discount of GAE."})
-    lam: float = field(default=0.95, metadata={"help": "Lambda of GAE."})
-    clip_range: float = field(default=0.2, metadata={"help": "Clip range of the policy ratio."})
-    clip_range_value: float = field(default=0.2, metadata={"help": "Clip range of the value update."})
-    value_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
-    whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages per batch."})
-    no_eos_score: float | None = field(
-        default=-1.0, metadata={"help": "Score of replies cut without EOS; unset: keep the RM's score."}
-    )
-    ptx_coef: float = field(
-        default=0.0, metadata={"help": "PPO-ptx: weight of the SFT loss on demonstrations; 0: off."}
-    )
-    ptx_data: Path | None = field(
-        default=None, metadata={"help": "Demonstrations for PPO-ptx (default: the store's)."}
-    )
-    ptx_format: str = field(default="messages", metadata={"help": "Format of --ptx-data."})
-    ptx_batch_size: int = field(
-        default=4, metadata={"help": "Demonstrations per optimizer update for PPO-ptx, all processes."}
-    )
-    ema_decay: float = field(
-        default=0.0, metadata={"help": "Keep an EMA of the policy weights and write it at the end; 0: off."}
-    )
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank of policy and value (0: full fine-tuning)."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    lora_target: str = field(
-        default="all-linear", metadata={"help": "Modules LoRA adapts (comma-separated names or all-linear)."}
-    )
-    checkpoint_every: int = field(
-        default=20, metadata={"help": "Write a checkpoint every N PPO steps; 0: never."}
-    )
-    warmup_ratio: float = field(
-        default=0.0, metadata={"help": "Fraction of the updates with a linear warm-up."}
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.prompts is not None:
-            if self.data is not None:
-                raise ValueError("give --prompts or --data, not both")
-            self.prompts = Path(self.prompts)
-        if self.ptx_data is not None:
-            self.ptx_data = Path(self.ptx_data)
-        for name in ("mini_batch_size", "ppo_epochs", "max_new_tokens", "ptx_batch_size", "kl_horizon"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size % self.mini_batch_size:
-            raise ValueError(
-                f"batch_size {self.batch_size} is not a multiple of mini_batch_size {self.mini_batch_size}"
-            )
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for PPO (it samples), got {self.temperature}")
-        if self.max_new_tokens >= self.max_length:
-            raise ValueError(
-                f"max_new_tokens {self.max_new_tokens} leaves no room for a prompt in {self.max_length}"
-            )
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.kl_target is not None and self.kl_target <= 0:
-            raise ValueError(f"kl_target must be > 0, got {self.kl_target}")
-        if self.lora_r < 0:
-            raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -320,6 +225,12 @@ def load_ppo_models(
     device = accelerator.device
     if reward_fn is None and config.reward_model is None:
         raise ValueError("PPO needs --reward-model (a directory written by `dialoop train rm`)")
+    for scorer in {config.reward_model, config.value_model} - {None}:
+        # PPO hands token ids from the policy straight to the value and reward models
+        if load_tokenizer(scorer).get_vocab() != tokenizer.get_vocab():
+            raise ValueError(
+                f"{scorer} does not share the policy's tokenizer ({config.model or 'the default'})"
+            )
     policy: torch.nn.Module = load_causal_lm(
         policy_source, dtype=torch.float32, device=device, tokenizer=tokenizer
     )
@@ -363,14 +274,17 @@ class ActorCritic(torch.nn.Module):
     def forward(
         self, exp: Experience, temperature: float, ptx_batch: dict[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
-        """Reply log-probs, values and entropy of a batch; the PPO-ptx loss sum when given demonstrations."""
-        logits = response_logits(self.policy, exp)
+        """Reply log-probs and values [B, R], the entropy summed over reply tokens, the PPO-ptx loss sum."""
+        logits = reply_logits(self.policy, exp)
+        rows, steps = reply_token_index(exp)
         out = {
-            "logprobs": token_logprobs(logits, exp.response_ids, temperature) * exp.response_mask,
+            "logprobs": scatter_replies(
+                token_logprobs(logits, exp.response_ids[rows, steps], temperature), exp
+            ),
             "values": response_values(self.value, exp),
         }
         with torch.no_grad():
-            out["entropy"] = entropy_from_logits(logits, temperature)
+            out["entropy_sum"] = entropy_from_logits(logits, temperature).sum()
         if ptx_batch is not None:
             from dialoop.train.sft import causal_lm_loss
 
@@ -408,8 +322,8 @@ class PolicyEMA:
 def use_fused_adamw(optimizer: torch.optim.Optimizer) -> None:
     """Switch a fresh AdamW to its fused kernel where the parameters' device has one.
 
-    The default per-tensor loop reads and writes every weight and moment several times: on the CPU that
-    took ~4x longer than the fused kernel for the two 135M-parameter models PPO trains.
+    The default per-tensor loop reads and writes every weight and moment several times: on the CPU it took
+    ~4x longer than the fused kernel for the two 135M-parameter models PPO trains.
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if params and all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params):
@@ -458,11 +372,18 @@ class PPOTrainer:
         self.kl_ctl = KLController(beta=config.beta, target=config.kl_target, horizon=config.kl_horizon)
         self.local_batch = config.batch_size // n_proc
         self.local_mini = config.mini_batch_size // n_proc
-        # one mini-batch in one forward pass: that first forward's log-probs and values are the "old" ones,
-        # so the rollout needs no separate policy and value passes
+        # the whole local batch is one mini-batch and fits one pass: the first epoch's forward gives the
+        # "old" log-probs and values, so making the experience needs no policy or value pass of its own
         self.fused_old = self.local_mini == self.local_batch and config.micro_batch_size >= self.local_batch
+        # padding costs compute; so does one more (smaller) forward pass: GPUs prefer fewer, larger batches
+        self.pass_overhead_tokens = 16 if accelerator.device.type == "cpu" else 1024
         self.ptx_rows = self._ptx_rows(demonstrations) if config.ptx_coef > 0 else []
 
+        self.dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+        if wants_fp32_attention(accelerator.device, self.dtype):
+            for model in (models.policy, models.value, models.ref, models.reward):
+                if isinstance(model, torch.nn.Module):
+                    use_fp32_attention(model)
         updates = self.num_steps * config.ppo_epochs * (config.batch_size // config.mini_batch_size)
         actor_critic = ActorCritic(models.policy, models.value)
         optimizer, self.scheduler = make_optimizer(config, actor_critic, updates)
@@ -500,15 +421,15 @@ class PPOTrainer:
         return rows
 
     def _make_sampler(self) -> torch.nn.Module | None:
-        """A frozen compute-dtype copy of a fully trained policy for sampling (None: sample from the policy).
+        """A frozen bf16 copy of a fully trained policy to sample from (None: sample from the policy itself).
 
-        Sampling through autocast would re-cast every weight at every token; the copy is refreshed after
-        each update instead.
+        Sampling from the fp32 master weights under autocast would re-cast every weight at every token; the
+        copy is refreshed after each step instead.
         """
-        if self.config.lora_r > 0 or compute_dtype(self.accelerator) == torch.float32:
+        if self.config.lora_r > 0 or self.dtype == torch.float32:
             return None
-        sampler = freeze(copy.deepcopy(self.policy).to(compute_dtype(self.accelerator)))
-        return sampler
+        sampler = copy.deepcopy(self.policy)
+        return freeze(sampler.to(self.dtype))
 
     @torch.no_grad()
     def _sync_sampler(self) -> None:
@@ -516,7 +437,13 @@ class PPOTrainer:
             for dst, src in zip(self.sampler.parameters(), self.policy.parameters(), strict=True):
                 dst.copy_(src)
 
-    # --- resume ---
+    def buckets(self, exp: Experience, rows: Sequence[int], max_rows: int) -> list[list[int]]:
+        """`rows` of `exp` grouped into forward passes of at most `max_rows` rows of similar length."""
+        lengths = exp.lengths
+        groups = length_buckets([lengths[r] for r in rows], max_rows, self.pass_overhead_tokens)
+        return [[rows[i] for i in group] for group in groups]
+
+    # --- checkpoints ---
 
     def resume(self, checkpoints: CheckpointManager) -> None:
         """Continue from the latest checkpoint, when there is one."""
@@ -539,9 +466,8 @@ class PPOTrainer:
         config, acc = self.config, self.accelerator
         step = self.state.step
         t0 = time.perf_counter()
-        rows = process_share(
-            global_batch_indices(len(self.prompt_ids), config.batch_size, config.seed, step), acc
-        )
+        indices = global_batch_indices(len(self.prompt_ids), config.batch_size, config.seed, step)
+        rows = process_share(indices, acc)
         first_row = acc.process_index * self.local_batch
         prompts = [self.prompt_ids[i] for i in rows]
         params = [
@@ -563,21 +489,24 @@ class PPOTrainer:
         stats = self._learn(exp)
         t3 = time.perf_counter()
 
-        mean_kl = stats.pop("kl")
-        self.kl_ctl.update(mean_kl, config.batch_size)
+        self.kl_ctl.update(stats["kl"], config.batch_size)
         self._sync_sampler()
         self.state.step += 1
-        reply_len = exp.response_mask.sum(1)
+        assert exp.raw_scores is not None and exp.scores is not None
         local = torch.stack(
-            [reply_len.mean(), exp.finished.float().mean(), exp.raw_scores.mean(), exp.scores.mean()]  # type: ignore[union-attr]
+            [
+                exp.response_mask.sum(1).mean(),
+                exp.finished.float().mean(),
+                exp.raw_scores.mean(),
+                exp.scores.mean(),
+            ]
         )
         reply_length, eos_fraction, score_raw, score = (float(x) for x in acc.reduce(local, "mean"))
         return {
             "score": score,
             "score_raw": score_raw,
-            "kl": mean_kl,
-            "beta": self.kl_ctl.beta,
             **stats,
+            "beta": self.kl_ctl.beta,
             "reply_length": reply_length,
             "eos_fraction": eos_fraction,
             "lr": float(self.scheduler.get_last_lr()[0]),
@@ -589,32 +518,36 @@ class PPOTrainer:
 
     @torch.no_grad()
     def _score(self, exp: Experience) -> None:
-        """Reward scores and reference log-probs (and, unless fused, old log-probs and values)."""
+        """Reward scores and reference log-probs (and, unless fused, old log-probs, values and advantages)."""
         config, acc = self.config, self.accelerator
-        chunks = in_chunks(exp, config.micro_batch_size)
-        width = exp.response_ids.shape[1]
+        buckets = self.buckets(exp, range(len(exp)), config.micro_batch_size)
         # frozen models are stored in the compute dtype; LoRA views and the fp32 policy need autocast
-        if isinstance(self.reward, torch.nn.Module):
-            raw = torch.cat([reward_model_scores(self.reward, c) for c in chunks])
-        elif self.reward is None:
-            with acc.autocast(), self.value.disable_adapter():  # type: ignore[operator]
-                raw = torch.cat([reward_model_scores(self.value, c) for c in chunks])
-        else:
+        raw = torch.zeros(len(exp), device=acc.device)
+        if not isinstance(self.reward, torch.nn.Module) and self.reward is not None:
             raw = function_scores(self.reward, exp)
+        for rows in buckets:
+            part = exp.rows(rows)
+            idx = torch.tensor(rows, device=acc.device)
+            if isinstance(self.reward, torch.nn.Module):
+                raw[idx] = reward_model_scores(self.reward, part)
+            elif self.reward is None:
+                with acc.autocast(), self.value.disable_adapter():  # type: ignore[operator]
+                    raw[idx] = reward_model_scores(self.value, part)
+            if self.ref is None:
+                with acc.autocast(), self.policy.disable_adapter():  # type: ignore[operator]
+                    exp.put_rows(
+                        "ref_logprobs", rows, response_logprobs(self.policy, part, config.temperature)
+                    )
+            else:
+                exp.put_rows("ref_logprobs", rows, response_logprobs(self.ref, part, config.temperature))
+            if not self.fused_old:
+                with acc.autocast():
+                    out = acc.unwrap_model(self.model)(part, config.temperature)
+                exp.put_rows("old_logprobs", rows, out["logprobs"])
+                exp.put_rows("old_values", rows, out["values"])
         exp.raw_scores = raw.float()
         exp.scores = apply_missing_eos_score(exp.raw_scores, exp.finished, config.no_eos_score)
-        if self.ref is None:
-            with acc.autocast(), self.policy.disable_adapter():  # type: ignore[operator]
-                ref = [response_logprobs(self.policy, c, config.temperature) for c in chunks]
-        else:
-            ref = [response_logprobs(self.ref, c, config.temperature) for c in chunks]
-        exp.ref_logprobs = concat_columns(ref, width)
         if not self.fused_old:
-            model = acc.unwrap_model(self.model)
-            with acc.autocast():
-                outs = [model(c, config.temperature) for c in chunks]
-            exp.old_logprobs = concat_columns([o["logprobs"] for o in outs], width)
-            exp.old_values = concat_columns([o["values"] for o in outs], width)
             self._advantages(exp)
 
     @torch.no_grad()
@@ -627,38 +560,27 @@ class PPOTrainer:
         rewards, _ = kl_shaped_rewards(exp.old_logprobs, exp.ref_logprobs, exp.scores, mask, self.kl_ctl.beta)
         advantages, exp.returns = gae_advantages(rewards, exp.old_values, mask, config.gamma, config.lam)
         if config.whiten_advantages:
-            # whitened over the global batch, so N processes compute what one process would
+            # over the global batch, so N processes compute what one process would
             advantages = masked_whiten(advantages, mask, acc.reduce(masked_moments(advantages, mask), "sum"))
         exp.advantages = advantages
 
     def _learn(self, exp: Experience) -> dict[str, float]:
         """`ppo_epochs` passes of clipped policy + value updates over shuffled mini-batches."""
         config, acc = self.config, self.accelerator
-        n_proc = acc.num_processes
         totals: dict[str, Tensor] = {}
         n_updates = 0
         self.model.train()
-        gen = torch.Generator().manual_seed(row_seed(config.seed, self.state.step, 0) + acc.process_index)
+        gen = torch.Generator().manual_seed(row_seed(config.seed, self.state.step, acc.process_index))
         for epoch in range(config.ppo_epochs):
             order = torch.randperm(len(exp), generator=gen).tolist()
             minis = [order[i : i + self.local_mini] for i in range(0, len(order), self.local_mini)]
             counts = acc.reduce(torch.stack([exp.response_mask[m].sum() for m in minis]), "sum")
             for mini, n_tokens in zip(minis, counts, strict=True):
-                micros = [
-                    mini[i : i + config.micro_batch_size]
-                    for i in range(0, len(mini), config.micro_batch_size)
-                ]
-                finite = True
-                for k, micro in enumerate(micros):
-                    last = k == len(micros) - 1
-                    ptx = self._ptx_batch(n_updates) if last and self.ptx_rows else None
-                    # gradients are exchanged once per update, after its last micro-batch
-                    with acc.no_sync(self.model) if not last else nullcontext():
-                        loss, stats = self._micro_loss(exp, micro, epoch, n_tokens, ptx)
-                        acc.backward(loss * n_proc)  # DDP averages gradients over processes
-                    finite = finite and bool(torch.isfinite(loss.detach()))
-                    for key, value in stats.items():
-                        totals[key] = totals.get(key, torch.zeros(())) + value.detach().float().cpu()
+                ptx = self._ptx_batch() if self.ptx_rows else None
+                if self.fused_old and epoch == 0:
+                    finite = self._fused_update(exp, mini, n_tokens, ptx, totals)
+                else:
+                    finite = self._update(exp, mini, n_tokens, ptx, totals, epoch)
                 optimizer_step(
                     acc,
                     self.model,
@@ -675,24 +597,63 @@ class PPOTrainer:
         keys = sorted(totals)
         reduced = acc.reduce(torch.stack([totals[k] for k in keys]).to(acc.device), "sum")
         out = {k: float(v) for k, v in zip(keys, reduced, strict=True)}
-        per_update = {"policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl", "ptx_loss"}
-        result = {k: out[k] / n_updates for k in keys if k in per_update}
-        result["entropy"] = out["entropy_sum"] / out["tokens_epoch0"]
+        per_update = ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl", "ptx_loss")
+        result = {k: out[k] / n_updates for k in per_update if k in out}
+        result["entropy"] = out["entropy_sum"] / out["tokens"]
         result["kl"] = out["kl_sum"] / config.batch_size
         return result
 
-    def _micro_loss(
-        self, exp: Experience, rows: list[int], epoch: int, n_tokens: Tensor, ptx: dict[str, Tensor] | None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    def _fused_update(
+        self, exp: Experience, rows: list[int], n_tokens: Tensor, ptx: dict[str, Tensor] | None, totals: dict
+    ) -> bool:
+        """First epoch, one mini-batch: forward every pass, take its outputs as the "old" ones, then one
+        backward over the summed loss (DDP exchanges gradients once)."""
         config = self.config
-        # fused: the micro-batch is the whole local batch, whose row order does not matter
-        part = exp if self.fused_old else exp.rows(rows)
-        out = self.model(part, config.temperature, ptx)
-        if self.fused_old and epoch == 0:
-            exp.old_logprobs = out["logprobs"].detach()
-            exp.old_values = out["values"].detach()
-            self._advantages(exp)
-        assert part.old_logprobs is not None and part.old_values is not None
+        buckets = self.buckets(exp, rows, len(rows))
+        outs = [
+            self.model(exp.rows(b), config.temperature, ptx if k == len(buckets) - 1 else None)
+            for k, b in enumerate(buckets)
+        ]
+        for b, out in zip(buckets, outs, strict=True):
+            exp.put_rows("old_logprobs", b, out["logprobs"].detach())
+            exp.put_rows("old_values", b, out["values"].detach())
+        self._advantages(exp)
+        loss = torch.stack(
+            [self._loss(exp.rows(b), out, n_tokens, totals, 0) for b, out in zip(buckets, outs, strict=True)]
+        ).sum()
+        self.accelerator.backward(loss * self.accelerator.num_processes)  # DDP averages over processes
+        return bool(torch.isfinite(loss.detach()))
+
+    def _update(
+        self,
+        exp: Experience,
+        rows: list[int],
+        n_tokens: Tensor,
+        ptx: dict[str, Tensor] | None,
+        totals: dict,
+        epoch: int,
+    ) -> bool:
+        """Forward and backward pass by pass; gradients are exchanged after the last one."""
+        acc = self.accelerator
+        buckets = self.buckets(exp, rows, self.config.micro_batch_size)
+        finite = True
+        for k, b in enumerate(buckets):
+            last = k == len(buckets) - 1
+            with acc.no_sync(self.model) if not last else nullcontext():
+                part = exp.rows(b)
+                out = self.model(part, self.config.temperature, ptx if last else None)
+                loss = self._loss(part, out, n_tokens, totals, epoch)
+                acc.backward(loss * acc.num_processes)  # DDP averages over processes
+            finite = finite and bool(torch.isfinite(loss.detach()))
+        return finite
+
+    def _loss(
+        self, part: Experience, out: dict[str, Tensor], n_tokens: Tensor, totals: dict, epoch: int
+    ) -> Tensor:
+        """Policy + value (+ PPO-ptx) loss of one pass, normalised by the mini-batch's global token count;
+        adds the pass's statistics to `totals`."""
+        config = self.config
+        assert part.old_logprobs is not None and part.old_values is not None and part.ref_logprobs is not None
         assert part.advantages is not None and part.returns is not None
         mask = part.response_mask
         pg_loss, clip_frac, approx_kl = clipped_policy_loss(
@@ -709,19 +670,21 @@ class PPOTrainer:
             "value_clip_frac": vf_clip_frac,
             "approx_kl": approx_kl,
         }
-        if ptx is not None:
-            n_ptx = self.accelerator.reduce(ptx["target"][:, 1:].sum().float(), "sum")
+        if "ptx_loss_sum" in out:
+            n_ptx = self.accelerator.reduce(self._ptx_tokens, "sum")
             ptx_loss = out["ptx_loss_sum"] / n_ptx
             loss = loss + config.ptx_coef * ptx_loss
             stats["ptx_loss"] = ptx_loss
         if epoch == 0:
-            assert part.ref_logprobs is not None
-            stats["entropy_sum"] = masked_sum(out["entropy"], mask)
-            stats["tokens_epoch0"] = mask.sum()
+            stats["entropy_sum"] = out["entropy_sum"]
+            stats["tokens"] = mask.sum()
             stats["kl_sum"] = masked_sum(part.old_logprobs - part.ref_logprobs, mask)
-        return loss, stats
+        for key, value in stats.items():
+            totals[key] = totals.get(key, torch.zeros(())) + value.detach().float().cpu()
+        return loss
 
-    def _ptx_batch(self, update: int) -> dict[str, Tensor]:
+    def _ptx_batch(self) -> dict[str, Tensor]:
+        """This process's share of the demonstrations of the next update (PPO-ptx)."""
         from dialoop.train.sft import collate
 
         config, acc = self.config, self.accelerator
@@ -730,7 +693,9 @@ class PPOTrainer:
             len(self.ptx_rows), n_local * acc.num_processes, config.seed + 1, self.updates.step
         )
         mine = indices[acc.process_index * n_local : (acc.process_index + 1) * n_local]
-        return collate([self.ptx_rows[i] for i in mine], self.pad_id, acc.device)
+        batch = collate([self.ptx_rows[i] for i in mine], self.pad_id, acc.device)
+        self._ptx_tokens = batch["target"][:, 1:].sum().float()
+        return batch
 
     def final_policy(self) -> torch.nn.Module:
         """The policy to publish: EMA weights when enabled, LoRA merged into the base weights."""
@@ -739,6 +704,7 @@ class PPOTrainer:
             self.ema.copy_to(policy)
         if self.config.lora_r > 0:
             policy = policy.merge_and_unload()  # type: ignore[operator]
+        restore_sdpa(policy)
         return policy
 
 
@@ -811,7 +777,7 @@ def train_ppo(
                 "steps": trainer.state.step,
                 "skipped_updates": trainer.updates.skipped_steps,
                 "prompts": len(prompt_ids),
-                "final": {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)},
+                "final": {k: v for k, v in metrics.items() if math.isfinite(v)},
             },
         )
     if not config.keep_final_checkpoint:

@@ -3,13 +3,16 @@ models: the reference policy's log-probs and the reward; optionally the policy's
 
 Learning from the experience lives in `dialoop.train.ppo`; the math in `dialoop.train.ppo_math`.
 Sequences for scoring are prompt + reply + pad, right-padded, so positions are simply 0..n-1 and a reply's
-token t sits at column prompt_len + t, predicted by the logits at column prompt_len + t - 1.
+token t sits at column prompt_len + t, predicted by the hidden state at column prompt_len + t - 1. The
+vocabulary projection runs on those reply columns only, and rows are grouped by length so that little
+compute goes to padding (`length_buckets`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,25 +46,36 @@ class Experience:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    @property
+    def lengths(self) -> list[int]:
+        """Prompt + reply tokens of each row."""
+        return [int(n) for n in self.attention_mask.sum(1)]
+
     def rows(self, index: Sequence[int]) -> Experience:
         """The sub-batch of rows `index`, trimmed to its own longest sequence and reply."""
         idx = torch.as_tensor(list(index), dtype=torch.long, device=self.input_ids.device)
-        mask = self.response_mask[idx]
-        width_r = max(1, int(mask.sum(1).max()))
         width = int(self.attention_mask[idx].sum(1).max())
-        picked: dict[str, Tensor | None] = {}
+        width_r = max(1, int(self.response_mask[idx].sum(1).max()))
+        picked: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None:
-                picked[f.name] = None
-                continue
-            value = value[idx]
-            if f.name in ("input_ids", "attention_mask"):
-                value = value[:, :width]
-            elif value.dim() == 2:
-                value = value[:, :width_r]
+            if value is not None:
+                value = value[idx]
+                if f.name in ("input_ids", "attention_mask"):
+                    value = value[:, :width]
+                elif value.dim() == 2:
+                    value = value[:, :width_r]
             picked[f.name] = value
-        return Experience(**picked)  # type: ignore[arg-type]
+        return Experience(**picked)
+
+    def put_rows(self, name: str, index: Sequence[int], values: Tensor) -> None:
+        """Write per-token `values` [len(index), r] of rows `index` into field `name` (created as zeros)."""
+        current = getattr(self, name)
+        if current is None:
+            current = torch.zeros_like(self.response_mask)
+            setattr(self, name, current)
+        idx = torch.as_tensor(list(index), dtype=torch.long, device=current.device)
+        current[idx, : values.shape[1]] = values.to(current.dtype)
 
 
 def pack_rollouts(
@@ -73,8 +87,7 @@ def pack_rollouts(
     """Right-padded prompt + reply tensors of a batch of sampled replies."""
     if not completions or any(not c.token_ids for c in completions):
         raise ValueError("every rollout needs at least one generated token")
-    lengths = [len(p) + len(c.token_ids) for p, c in zip(prompts, completions, strict=True)]
-    width = max(lengths)
+    width = max(len(p) + len(c.token_ids) for p, c in zip(prompts, completions, strict=True))
     width_r = max(len(c.token_ids) for c in completions)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -96,37 +109,76 @@ def pack_rollouts(
     )
 
 
-def response_columns(exp: Experience) -> Tensor:
-    """[B, R] column of the hidden state that predicts each reply token (clamped on padding)."""
-    steps = torch.arange(exp.response_ids.shape[1], device=exp.prompt_lens.device)
-    cols = exp.prompt_lens.unsqueeze(1) - 1 + steps.unsqueeze(0)
-    return cols.clamp(max=exp.input_ids.shape[1] - 1)
+def length_buckets(lengths: Sequence[int], max_rows: int, overhead_tokens: int) -> list[list[int]]:
+    """Group row indices into batches of at most `max_rows` rows that waste little compute on padding.
+
+    Rows are sorted by length (longest first) and cut where it pays: a batch costs rows x its longest
+    length, plus `overhead_tokens` for launching one more forward pass (dynamic programming over the cuts).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j rows (sorted)
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - max_rows), j):
+            cost = best[i] + (j - i) * lengths[order[i]] + overhead_tokens
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups: list[list[int]] = []
+    j = n
+    while j > 0:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
 
 
-def response_logits(model: torch.nn.Module, exp: Experience) -> Tensor:
-    """[B, R, V] logits predicting each reply token; the vocabulary projection runs on reply columns only."""
-    first = int(exp.prompt_lens.min()) - 1
-    keep = torch.arange(first, exp.input_ids.shape[1] - 1, device=exp.input_ids.device)
-    # right padding: positions are 0..n-1 and causal attention never reaches the padding after a row
-    out = model(
-        input_ids=exp.input_ids, attention_mask=exp.attention_mask, logits_to_keep=keep, use_cache=False
-    )
-    cols = (response_columns(exp) - first).clamp(max=keep.numel() - 1)
-    return out.logits.gather(1, cols.unsqueeze(-1).expand(-1, -1, out.logits.shape[-1]))
+def _hf_parts(model: Any) -> tuple[Any, Any]:
+    """(backbone, vocabulary head) of an HF causal LM, through a peft wrapper (its adapters stay active)."""
+    get_base = getattr(model, "get_base_model", None)
+    hf = get_base() if callable(get_base) else model
+    return getattr(hf, hf.base_model_prefix), hf.get_output_embeddings()
 
 
-def response_logprobs(model: torch.nn.Module, exp: Experience, temperature: float) -> Tensor:
+def reply_token_index(exp: Experience) -> tuple[Tensor, Tensor]:
+    """(row, step) of every real reply token, row-major."""
+    rows, steps = exp.response_mask.nonzero(as_tuple=True)
+    return rows, steps
+
+
+def reply_logits(model: Any, exp: Experience) -> Tensor:
+    """[N, V] logits predicting the N real reply tokens (order of `reply_token_index`)."""
+    backbone, head = _hf_parts(model)
+    # right padding and causal attention: real tokens never see the padding after them, so no mask is
+    # needed and positions are 0..n-1, as for the sequence alone
+    hidden = backbone(input_ids=exp.input_ids, use_cache=False).last_hidden_state
+    rows, steps = reply_token_index(exp)
+    return head(hidden[rows, exp.prompt_lens[rows] - 1 + steps])
+
+
+def scatter_replies(values: Tensor, exp: Experience) -> Tensor:
+    """[N] per-reply-token values (order of `reply_token_index`) -> [B, R], zeros on padding."""
+    out = torch.zeros(exp.response_mask.shape, dtype=values.dtype, device=values.device)
+    rows, steps = reply_token_index(exp)
+    out[rows, steps] = values
+    return out
+
+
+def response_logprobs(model: Any, exp: Experience, temperature: float) -> Tensor:
     """[B, R] log-probs of the reply tokens under softmax(logits / temperature), the sampling distribution."""
-    return token_logprobs(response_logits(model, exp), exp.response_ids, temperature) * exp.response_mask
+    rows, steps = reply_token_index(exp)
+    logprobs = token_logprobs(reply_logits(model, exp), exp.response_ids[rows, steps], temperature)
+    return scatter_replies(logprobs, exp)
 
 
-def response_values(value_model: torch.nn.Module, exp: Experience) -> Tensor:
+def response_values(value_model: Any, exp: Experience) -> Tensor:
     """[B, R] value of the state before each reply token."""
     values = per_token_values(value_model, exp.input_ids, exp.attention_mask)
-    return values.gather(1, response_columns(exp)) * exp.response_mask
+    steps = torch.arange(exp.response_ids.shape[1], device=values.device)
+    cols = (exp.prompt_lens.unsqueeze(1) - 1 + steps.unsqueeze(0)).clamp(max=values.shape[1] - 1)
+    return values.gather(1, cols) * exp.response_mask
 
 
-def reward_model_scores(reward_model: torch.nn.Module, exp: Experience) -> Tensor:
+def reward_model_scores(reward_model: Any, exp: Experience) -> Tensor:
     """[B] reward-model score of each prompt + reply, read at its last token."""
     return last_token_scores(reward_model, exp.input_ids, exp.attention_mask)
 
@@ -150,13 +202,3 @@ def apply_missing_eos_score(raw_scores: Tensor, finished: Tensor, no_eos_score: 
     if no_eos_score is None:
         return raw_scores
     return torch.where(finished, raw_scores, torch.full_like(raw_scores, no_eos_score))
-
-
-def in_chunks(exp: Experience, size: int) -> list[Experience]:
-    """The batch cut into consecutive sub-batches of at most `size` rows (for bounded memory)."""
-    return [exp.rows(range(start, min(start + size, len(exp)))) for start in range(0, len(exp), size)]
-
-
-def concat_columns(parts: Sequence[Tensor], width: int) -> Tensor:
-    """Stack per-chunk [b, r] tensors into one [B, width] tensor, zero-padded on the right."""
-    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])

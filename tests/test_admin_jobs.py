@@ -1,0 +1,164 @@
+"""Iterations started from the admin page run the real `dialoop iterate` on a tiny model: live progress, the
+new policy served and listed in the chat, its report card; a failure says why; a cancel interrupts the run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from admin_data import seed_store
+from webclient import WebClient, live_web_server
+
+from dialoop.store import session_scope
+from dialoop.store.models import ModelVersion, TrainingRun
+
+HTML = {"Accept": "text/html"}
+
+
+def tiny_settings(model: Path, **overrides: str) -> dict[str, str]:
+    """The iteration form filled in for a tiny model: a few steps per stage, a 4-prompt report card."""
+    fields = {
+        "base_model": str(model),
+        "sft_steps": "2",
+        "rm_steps": "2",
+        "ppo_steps": "2",
+        "ppo_batch_size": "2",
+        "max_new_tokens": "8",
+        "eval_prompts": "4",
+        "seed": "0",
+        "precision": "fp32",
+        "deploy": "1",
+    }
+    return {**fields, **overrides}
+
+
+@pytest.fixture(autouse=True)
+def quiet_children(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The iteration's process inherits these: one CPU thread (the machine is shared), no hub access."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def start(client: WebClient, fields: dict[str, str]) -> int:
+    client.page("/admin/iterations")
+    response = client.http.post("/admin/iterations", data={**fields, "csrf_token": client.csrf}, headers=HTML)
+    assert response.status_code == 303, response.text
+    return int(response.headers["location"].rsplit("-", 1)[1])
+
+
+def follow(
+    client: WebClient, job_id: int, until: Callable[[dict[str, Any]], bool], timeout: float = 240
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Poll the job's progress as the page does until `until(progress)`; (last progress, every one seen)."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = client.api("GET", f"/admin/api/jobs/{job_id}")
+        assert response.status_code == 200
+        seen.append(response.json())
+        if until(seen[-1]):
+            return seen[-1], seen
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} did not get there in {timeout} s: {seen[-1]}")
+
+
+def ended(progress: dict[str, Any]) -> bool:
+    return progress["status"] != "running"
+
+
+def test_an_iteration_from_the_web_trains_serves_and_reports(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with live_web_server(f"sqlite:///{tmp_path / 'store.db'}", tiny_model_dir) as live:
+        seed_store(live.app.state.engine, tiny_model_dir)
+        root = live.client("root")
+        page = root.page("/admin/iterations").text
+        assert f'name="base_model" value="{tiny_model_dir}"' in page  # the store's base model by default
+        job_id = start(root, tiny_settings(tiny_model_dir))
+        again = root.http.post(
+            "/admin/iterations", data={**tiny_settings(tiny_model_dir), "csrf_token": root.csrf}, headers=HTML
+        )
+        assert again.status_code == 409 and "an iteration is running already" in again.text
+
+        final, seen = follow(root, job_id, ended)
+        assert final["status"] == "done", final
+        assert final["error"] is None and final["iteration"] == 1 and final["returncode"] == 0
+        assert (final["policy_version"], final["served"]) == ("policy-1", True)
+        stages = {s["name"]: s for s in final["stages"]}
+        assert {name: s["status"] for name, s in stages.items()} == {
+            "sft": "trained",
+            "rm": "trained",
+            "ppo": "trained",
+            "eval": "trained",
+        }
+        assert (stages["ppo"]["step"], stages["ppo"]["total"]) == (2, 2) and "kl" in stages["ppo"]["metrics"]
+        # the page saw the stages go by while the job ran
+        running = {s["name"] for p in seen for s in p["stages"] if s["status"] == "running"}
+        assert running, "no stage was ever seen running"
+
+        # the new policy is served at once, and the chat's model picker lists it
+        assert live.app.state.registry.served == "policy-1"
+        models = root.api("GET", "/api/chat/models").json()
+        assert models["served"] == "policy-1"
+        assert {"sft-1", "policy-1"} <= {m["name"] for m in models["models"]}
+        with session_scope(live.app.state.engine) as session:
+            runs = session.query(TrainingRun).order_by(TrainingRun.id).all()
+            assert [(r.stage, r.status, r.iteration) for r in runs] == [
+                ("sft", "done", 1),
+                ("rm", "done", 1),
+                ("ppo", "done", 1),
+            ]
+            assert runs[0].config["max_steps"] == 2 and runs[0].data["conversation_ids"]
+            policy = session.query(ModelVersion).filter_by(name="policy-1").one()
+            assert policy.served and policy.metrics["eval"]["name"] == "policy-1"
+            policy_id = policy.id
+
+        # the report card: numbers, plots and the full report (sandboxed)
+        versions = root.page("/admin/versions").text
+        assert f'id="version-{policy_id}"' in versions and "Win rate vs SFT" in versions
+        plot = root.page(f"/admin/versions/{policy_id}/report/gold_per_iteration.png")
+        assert plot.status_code == 200 and plot.headers["content-type"] == "image/png"
+        assert plot.content.startswith(b"\x89PNG")
+        report = root.page(f"/admin/versions/{policy_id}/report/report.html")
+        assert report.status_code == 200 and report.headers["content-security-policy"].startswith(
+            "sandbox allow-same-origin;"
+        )
+        assert root.page(f"/admin/versions/{policy_id}/report/samples.txt").status_code == 404
+        assert 'data-status="done"' in root.page("/admin/iterations").text
+
+        # nothing new since: the next iteration fails, and says why
+        second = start(root, tiny_settings(tiny_model_dir))
+        failed, _ = follow(root, second, ended)
+        assert failed["status"] == "failed" and "nothing new to learn from" in failed["error"]
+        assert live.app.state.registry.served == "policy-1"
+
+
+def test_cancelling_an_iteration_interrupts_its_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with live_web_server(f"sqlite:///{tmp_path / 'store.db'}", tiny_model_dir) as live:
+        seed_store(live.app.state.engine, tiny_model_dir)
+        root = live.client("root")
+        job_id = start(root, tiny_settings(tiny_model_dir, sft_steps="100000"))
+
+        def sft_training(progress: dict[str, Any]) -> bool:
+            sft = progress["stages"][0]
+            return ended(progress) or (sft["status"] == "running" and sft.get("step", 0) >= 2)
+
+        progress, _ = follow(root, job_id, sft_training, timeout=120)
+        assert progress["status"] == "running" and progress["stages"][0]["total"] == 100000
+        response = root.http.post(
+            f"/admin/jobs/{job_id}/cancel", data={"csrf_token": root.csrf}, headers=HTML
+        )
+        assert response.status_code == 303
+        final, _ = follow(root, job_id, ended, timeout=60)
+        assert final["status"] == "cancelled" and "continues where this one stopped" in final["error"]
+        assert final["stages"][0]["status"] == "cancelled" and final["policy_version"] is None
+        jobs = live.app.state.jobs
+        assert jobs.get(job_id).process.poll() is not None
+        with session_scope(live.app.state.engine) as session:
+            [run] = session.query(TrainingRun).all()
+            assert run.stage == "sft" and run.status == "failed" and "KeyboardInterrupt" in (run.error or "")
+            assert session.query(ModelVersion).filter(ModelVersion.run_id.is_not(None)).count() == 0
+        again = root.http.post(f"/admin/jobs/{job_id}/cancel", data={"csrf_token": root.csrf}, headers=HTML)
+        assert again.status_code == 409 and "not running" in again.text
+        assert live.app.state.registry.served == "tiny"
