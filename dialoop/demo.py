@@ -43,7 +43,7 @@ from dialoop.store.migrate import open_store
 from dialoop.store.models import ModelVersion
 from dialoop.store.registry import served_model
 from dialoop.train.config import RewardConfig, SFTConfig
-from dialoop.train.ppo import PPOConfig
+from dialoop.train.ppo_config import PPOConfig
 
 log = logging.getLogger(__name__)
 

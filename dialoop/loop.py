@@ -51,7 +51,8 @@ from dialoop.store.registry import (
 )
 from dialoop.train.common import SUMMARY_FILE, write_json_atomic
 from dialoop.train.config import RewardConfig, SFTConfig, TrainConfig
-from dialoop.train.ppo import PPOConfig, prompts_of_chats
+from dialoop.train.ppo import prompts_of_chats
+from dialoop.train.ppo_config import PPOConfig
 
 log = logging.getLogger(__name__)
 

@@ -285,3 +285,28 @@ def test_ab_test_from_the_admin_page_to_its_result(live: Live) -> None:
     with session_scope(live.app.state.engine) as session:
         assert ab_result(session, test_id).tasks("cancelled") == 1
     assert root.page("/admin/ab/999").status_code == 404
+
+
+def test_ab_prompts_from_the_eval_split_or_recent_chats(live: Live) -> None:
+    from dialoop.evaluate.card import EvalConfig, eval_prompts
+
+    root = live.client("root")
+    root.page("/admin/ab")
+    form = {"version_a": "tiny", "version_b": "beta-policy", "max_tokens": "4", "csrf_token": root.csrf}
+    with session_scope(live.app.state.engine) as session:
+        has_chats = recent_user_prompts(session, 1) != []
+    if not has_chats:
+        none_yet = root.http.post("/admin/ab", data={**form, "source": "recent", "count": "3"}, headers=HTML)
+        assert none_yet.status_code == 400 and "no prompts from that source yet" in none_yet.text
+    too_many = root.http.post("/admin/ab", data={**form, "source": "eval", "count": "500"}, headers=HTML)
+    assert too_many.status_code == 400 and "the number of prompts must be 1 to 200" in too_many.text
+    created = root.http.post(
+        "/admin/ab", data={**form, "source": "eval", "count": "2", "seed": "3"}, headers=HTML
+    )
+    assert created.status_code == 303
+    with session_scope(live.app.state.engine) as session:
+        result = ab_result(session, int(created.headers["location"].rsplit("/", 1)[1]))
+        # the server's own model ("tiny", no version) is credited to the base version at its path
+        assert (result.version_a, result.version_b) == ("alpha-policy", "beta-policy")
+    expected = [p.text for p in eval_prompts(EvalConfig(prompts=2, seed=3))]
+    assert [r.prompt for r in result.rows] == expected

@@ -1,5 +1,6 @@
 """The admin pages over HTTP on a live server: access control and CSRF on every admin route, the dashboard's
-counts and agreement, reviewing demonstrations and flags, users and roles, serving another version."""
+counts and agreement, reviewing demonstrations and flags, users and roles, serving another version; and the
+store functions behind them (roles, deleting users, flag reviews) on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -13,14 +14,16 @@ import pytest
 from admin_data import add_second_ranker, seed_store
 from fastapi import APIRouter
 from fastapi.routing import APIRoute
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 from webclient import PASSWORD, Live, WebClient, live_web_server
 
-from dialoop.collect.flags import open_flags
+from dialoop.collect import add_user_turn, start_chat, submit_ranking
+from dialoop.collect.flags import open_flags, resolve_flags
 from dialoop.serve.admin import ab_router, admin_router
 from dialoop.store import session_scope
-from dialoop.store.accounts import get_user
-from dialoop.store.models import Conversation, Message, ModelVersion, Ranking
+from dialoop.store.accounts import create_api_key, create_user, delete_user, get_user, set_role
+from dialoop.store.models import ApiKey, ComparisonTask, Conversation, Message, ModelVersion, Ranking
 from dialoop.store.registry import register_model_version
 
 HTML = {"Accept": "text/html"}
@@ -271,3 +274,60 @@ def test_the_iteration_form_refuses_bad_settings(live: Live, root: WebClient) ->
     unknown = post_form(root, "/admin/jobs/99/cancel", {})
     assert unknown.status_code == 404
     assert root.api("GET", "/admin/api/jobs").json() == []
+
+
+def test_the_last_admin_cannot_be_demoted_or_deleted(engine: Engine) -> None:
+    with session_scope(engine) as session:
+        root = create_user(session, "root", "admin", "pw")
+        with pytest.raises(ValueError, match="only admin"):
+            set_role(session, root, "trainer")
+        with pytest.raises(ValueError, match="only admin"):
+            delete_user(session, root)
+        with pytest.raises(ValueError, match="invalid role"):
+            set_role(session, root, "owner")
+        second = create_user(session, "second", "user", "pw")
+        set_role(session, second, "admin")
+        set_role(session, root, "trainer")  # another admin is left
+        assert (root.role, second.role) == ("trainer", "admin")
+
+
+def test_deleting_a_user_keeps_their_conversations_and_rankings(engine: Engine) -> None:
+    with session_scope(engine) as session:
+        tess = create_user(session, "tess", "trainer", "pw")
+        create_user(session, "root", "admin", "pw")
+        chat = start_chat(session, tess)
+        add_user_turn(session, chat, tess, "hello")
+        create_api_key(session, tess)
+        chat_id = chat.id
+    with session_scope(engine) as session:
+        user = get_user(session, "tess")
+        assert user is not None
+        delete_user(session, user)
+    with session_scope(engine) as session:
+        kept = session.get_one(Conversation, chat_id)
+        assert kept.owner_id is None and [m.content for m in kept.messages] == ["hello"]
+        assert session.query(ApiKey).count() == 0
+
+
+def test_a_flag_raised_after_a_review_is_open_again(engine: Engine, tiny_model_dir: Path) -> None:
+    seeded = seed_store(engine, tiny_model_dir)
+    with session_scope(engine) as session:
+        root = create_user(session, "root", "admin", "pw")
+        [flag] = open_flags(session)
+        assert flag.kinds == {"untrue": 1} and flag.task_id == seeded.flagged_task
+        resolve_flags(session, flag.message.id, root, "dismissed")
+        assert open_flags(session) == []
+        # tina flags the same reply as harmful: open again, with only the new flag
+        task = session.get_one(ComparisonTask, seeded.flagged_task)
+        index = next(c.index for c in task.candidates if c.message_id == flag.message.id)
+        tina = create_user(session, "tina", "trainer", "pw")
+        submit_ranking(session, task, tina, [c.index for c in task.candidates], flags={index: ["harmful"]})
+        [again] = open_flags(session)
+        assert again.message.id == flag.message.id and again.kinds == {"harmful": 1}
+        with pytest.raises(PermissionError):
+            resolve_flags(session, flag.message.id, tina, "upheld")
+        resolve_flags(session, flag.message.id, root, "upheld")
+        review = session.get_one(Message, flag.message.id).extra["flag_review"]
+        assert review["outcome"] == "upheld" and len(review["ranking_ids"]) == 2
+        with pytest.raises(LookupError):
+            resolve_flags(session, flag.message.id, root, "upheld")

@@ -79,7 +79,7 @@ def suggest(client: WebClient, did: int, **body: Any) -> tuple[int, list[dict[st
 def make_task(live: Live, owner: str, ranker: str) -> dict[str, Any]:
     """A chat of `owner` with the model, then the next task of `ranker` (made on demand from it)."""
     chat_once(live.client(owner), "Tell me about the sea.")
-    data = live.client(ranker).api("GET", "/api/trainer/tasks/next").json()
+    data = live.client(ranker).api("POST", "/api/trainer/tasks/next").json()
     assert data["task"] is not None, data
     task: dict[str, Any] = data["task"]
     return task
@@ -390,7 +390,7 @@ def test_tasks_are_made_on_demand_and_never_from_ones_own_chat(live: Live) -> No
     assert {c["content"] for c in task["candidates"]} == texts
     # tess made it: she is never offered it, nor may she open it
     tess = live.client("tess")
-    offered = tess.api("GET", "/api/trainer/tasks/next").json()["task"]
+    offered = tess.api("POST", "/api/trainer/tasks/next").json()["task"]
     assert offered is None or offered["id"] != task["id"]
     assert tess.api("GET", f"/api/trainer/tasks/{task['id']}").status_code == 403
     mine = tess.api("POST", f"/api/trainer/tasks/{task['id']}/ranking", {"order": [0, 1, 2, 3]})
@@ -439,7 +439,7 @@ def test_rankings_with_ties_flags_all_bad_overlap_and_changing_ones_answer(live:
         str(order[3]): ["untrue"]
     }
     # tom is not offered it again; the admin is (overlap 2), and finishes it
-    assert (tom.api("GET", "/api/trainer/tasks/next").json()["task"] or {}).get("id") != tid
+    assert (tom.api("POST", "/api/trainer/tasks/next").json()["task"] or {}).get("id") != tid
     assert root.api("GET", url).json()["id"] == tid
     assert root.api("POST", f"{url}/ranking", {"order": [], "all_bad": True}).status_code == 200
     with session_scope(live.app.state.engine) as session:
@@ -474,11 +474,11 @@ def test_rankings_with_ties_flags_all_bad_overlap_and_changing_ones_answer(live:
 
 def test_no_task_is_offered_when_no_chat_is_waiting(tiny_model_dir: Path, sqlite_url: str) -> None:
     with live_trainer_server(sqlite_url, tiny_model_dir) as server:
-        data = server.client("tom").api("GET", "/api/trainer/tasks/next").json()
+        data = server.client("tom").api("POST", "/api/trainer/tasks/next").json()
         assert data["task"] is None and "chat with the model" in data["message"]
         chat_once(server.client("tom"), "Hello")  # his own chat: a task is made, but not for him
-        assert server.client("tom").api("GET", "/api/trainer/tasks/next").json()["task"] is None
-        task = server.client("tess").api("GET", "/api/trainer/tasks/next").json()["task"]
+        assert server.client("tom").api("POST", "/api/trainer/tasks/next").json()["task"] is None
+        task = server.client("tess").api("POST", "/api/trainer/tasks/next").json()["task"]
         assert task is not None and task["context"][-1]["content"] == "Hello"
 
 
@@ -540,3 +540,39 @@ def test_suggestions_of_an_unregistered_base_model_are_credited_to_a_new_base_ve
             version = session.scalars(select(ModelVersion)).one()
             assert version.name == "base" and Path(version.path).resolve() == tiny_model_dir.resolve()
             assert session.get_one(Message, turn["id"]).extra["suggestion"]["model_version_id"] == version.id
+
+
+def test_demonstration_and_ranking_flow_on_sqlite_and_postgresql(db_url: str, tiny_model_dir: Path) -> None:
+    with live_trainer_server(db_url, tiny_model_dir) as server:
+        tess, tom, tina, root = (server.client(n) for n in ("tess", "tom", "tina", "root"))
+        did = new_demo(tess)["id"]
+        add_turn(tess, did, "user", "Say hi.")
+        _, events = suggest(tess, did, n=2)
+        ref = {"generation_id": events[0]["generation_id"], "index": 1}
+        turn = add_turn(tess, did, "assistant", events[-1]["suggestions"][1]["text"], suggestion=ref)
+        url = f"/api/trainer/demonstrations/{did}"
+        assert tess.api("PUT", f"{url}/turns/{turn['id']}", {"content": "Hi!"}).status_code == 200
+        assert tess.api("POST", f"{url}/submit").json()["status"] == "submitted"
+
+        task = make_task(server, "tess", "tom")
+        shown = [c["index"] for c in task["candidates"]]
+        tid = task["id"]
+        body = {"order": shown, "ties": [shown[:2]], "flags": {str(shown[0]): ["private_data", "harmful"]}}
+        assert tom.api("POST", f"/api/trainer/tasks/{tid}/ranking", body).status_code == 200
+        assert tina.api("POST", f"/api/trainer/tasks/{tid}/skip", {"reason": "unclear"}).status_code == 200
+        assert (
+            root.api("POST", f"/api/trainer/tasks/{tid}/ranking", {"order": shown[::-1]}).status_code == 200
+        )
+        assert "<span>1 ranked</span> · <span>0 skipped</span>" in tom.page("/trainer").text
+        assert "<span>0 ranked</span> · <span>1 skipped</span>" in tina.page("/trainer").text
+        assert "<span>1 submitted</span>" in tess.page("/trainer").text
+        with session_scope(server.app.state.engine) as session:
+            conv = session.get_one(Conversation, did)
+            assert conv.status == "submitted" and [m.content for m in conv.messages] == ["Say hi.", "Hi!"]
+            row = session.get_one(ComparisonTask, tid)
+            assert row.status == "done" and len(row.candidates) == 4
+            answers = {r.trainer_id: r for r in row.rankings}
+            tom_id = get_user(session, "tom").id  # type: ignore[union-attr]
+            assert answers[tom_id].ties == [shown[:2]]
+            assert answers[tom_id].flags == {str(shown[0]): ["harmful", "private_data"]}
+            assert sorted(r.skip_reason or "" for r in row.rankings) == ["", "", "unclear"]

@@ -132,7 +132,7 @@ def iterate(
     from dialoop.loop import IterationConfig, NothingToTrain, run_iteration
     from dialoop.store.migrate import open_store
     from dialoop.train.config import RewardConfig, SFTConfig
-    from dialoop.train.ppo import PPOConfig
+    from dialoop.train.ppo_config import PPOConfig
 
     _setup_logging(verbose)
     try:

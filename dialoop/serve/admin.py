@@ -364,14 +364,22 @@ def report_dir(version: ModelVersion) -> Path | None:
 def versions_page(request: Request, session: SessionDep, registry: RegistryDep) -> Response:
     """Every model version with its lineage, run and report card; which policy is served."""
     versions = list(reversed(list_model_versions(session)))
-    reports = {}
+    reports: dict[int, list[str]] = {}  # the newest version of an iteration shows its report's files
+    report_of: dict[int, str] = {}  # the iteration's other versions name that version
+    shown: dict[Path, str] = {}
     for v in versions:
         folder = report_dir(v)
-        if folder is not None:
+        if folder is None:
+            continue
+        if folder in shown:
+            report_of[v.id] = shown[folder]
+        else:
+            shown[folder] = v.name
             reports[v.id] = sorted(p.name for p in folder.iterdir() if REPORT_FILE.fullmatch(p.name))
     context = {
         "versions": versions,
         "reports": reports,
+        "report_of": report_of,
         "servable": registry.entries(),
         "served": registry.served,
         "loaded": registry.loaded(),

@@ -37,7 +37,9 @@ from pydantic import BaseModel, Field
 from sqlalchemy import Engine, delete, func, or_, select
 from sqlalchemy.orm import Session
 
+from dialoop.collect.common import sampling_record
 from dialoop.formats.records import ChatMessage
+from dialoop.modeling.generation import SamplingParams
 from dialoop.serve.auth import CurrentUser, csrf_protect
 from dialoop.serve.deps import EngineDep, RegistryDep, ServeSettings, ServeSettingsDep, SessionDep, WorkerDep
 from dialoop.serve.models import ModelEntry, ModelRegistry, UnknownModel
@@ -333,7 +335,7 @@ def _save_reply(
     registry: ModelRegistry,
     prepared: _Prepared,
     model_name: str,
-    options: GenerationOptions,
+    params: SamplingParams,
     text: str,
     finish_reason: str,
     completion_tokens: int | None,
@@ -355,11 +357,8 @@ def _save_reply(
             "assistant",
             text,
             author_model_id=entry.version_id if entry else None,
-            sampling={
-                "temperature": options.temperature,
-                "top_p": options.top_p,
-                "max_tokens": options.max_tokens,
-            },
+            # the parameters the worker really used, so sampled alternatives can match them
+            sampling=sampling_record(params),
             finished=finish_reason == "stop",
             extra={
                 "model": model_name,
@@ -421,7 +420,14 @@ def _stream(
     def save(finish_reason: str, completion_tokens: int | None) -> dict[str, Any] | None:
         text = "".join(parts)
         return _save_reply(
-            engine, registry, prepared, generation.model, options, text, finish_reason, completion_tokens
+            engine,
+            registry,
+            prepared,
+            generation.model,
+            generation.params[0],
+            text,
+            finish_reason,
+            completion_tokens,
         )
 
     async def events() -> AsyncIterator[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -96,7 +97,9 @@ class ModelRegistry:
         self.dtype = dtype
         self._served = served or base.name
         self._loaded: dict[str, LoadedModel] = {}
-        self._load_locks: dict[str, asyncio.Lock] = {}
+        # thread locks, not asyncio ones: the registry outlives event loops (an app started twice)
+        self._load_locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
 
     @classmethod
     def open(
@@ -160,16 +163,24 @@ class ModelRegistry:
     async def acquire(self, name: str | None) -> LoadedModel:
         """The model called `name` in memory (loading it if needed), held until `release`."""
         entry = await asyncio.to_thread(self.resolve, name)
-        lock = self._load_locks.setdefault(entry.name, asyncio.Lock())
-        async with lock:
-            lm = self._loaded.get(entry.name)
-            if lm is None:
-                lm = await asyncio.to_thread(_load, entry, self.dtype)
-                self._loaded[entry.name] = lm
+        lm = await asyncio.to_thread(self._get_or_load, entry)
+        # an eviction may have run while this coroutine waited: the model is in use now, keep it listed
+        lm = self._loaded.setdefault(entry.name, lm)
         lm.users += 1
         lm.last_used = time.monotonic()
         self._evict()
         return lm
+
+    def _get_or_load(self, entry: ModelEntry) -> LoadedModel:
+        """The loaded model of `entry`, loading it once however many requests ask at the same time."""
+        with self._locks_lock:
+            lock = self._load_locks.setdefault(entry.name, threading.Lock())
+        with lock:
+            lm = self._loaded.get(entry.name)
+            if lm is None:
+                lm = _load(entry, self.dtype)
+                self._loaded[entry.name] = lm
+            return lm
 
     def release(self, lm: LoadedModel) -> None:
         """Give back a model taken with `acquire`."""
@@ -179,7 +190,7 @@ class ModelRegistry:
 
     def _evict(self) -> None:
         idle = sorted(
-            (lm for lm in self._loaded.values() if lm.users == 0 and lm.name != self._served),
+            (lm for lm in list(self._loaded.values()) if lm.users == 0 and lm.name != self._served),
             key=lambda lm: lm.last_used,
         )
         while len(self._loaded) > self.max_loaded and idle:

@@ -17,7 +17,7 @@ Pages: /trainer, /trainer/demonstrations, /trainer/demonstrations/{did}, /traine
     POST   /api/trainer/demonstrations/{did}/suggestions   {n, temperature, ...}: event stream of n replies
     POST   /api/trainer/suggestions/{gid}/stop             cancel a suggestion stream on the server
     POST   /api/trainer/demonstrations/{did}/submit        hand it in for review
-    GET    /api/trainer/tasks/next                         my next comparison task (made on demand)
+    POST   /api/trainer/tasks/next                         my next comparison task (made on demand)
     GET    /api/trainer/tasks/{tid}                        a task I may answer, or answered (to change it)
     POST   /api/trainer/tasks/{tid}/ranking                {order, ties, all_bad, flags}
     POST   /api/trainer/tasks/{tid}/skip                   {reason, flags}
@@ -30,14 +30,14 @@ Suggestion streams are `data: {json}` lines: `start` (generation id, n), `delta`
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import random
+import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
 from pathlib import Path
@@ -108,9 +108,8 @@ class TrainerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="DIALOOP_TRAINER_", extra="ignore")
 
-    k: int = Field(
-        default=DEFAULT_K, ge=2, le=16
-    )  # replies per task: the original and k-1 sampled alternatives
+    # replies per task: the model-written original and k-1 alternatives sampled for the same context
+    k: int = Field(default=DEFAULT_K, ge=2, le=16)
     overlap: int = Field(default=DEFAULT_OVERLAP, ge=1)  # rankings each task wants, from different trainers
     tasks_per_refill: int = Field(default=4, ge=1)  # tasks made at once when a trainer finds none open
     alt_models: str = ""  # comma-separated version names that write alternatives too (besides the served)
@@ -144,16 +143,21 @@ class _SuggestionSet:
 class _TrainerState:
     """Per-app state: live suggestion streams (for stop), finished suggestion sets, the task-making lock."""
 
-    live: dict[str, tuple[int, Generation]]
-    sets: OrderedDict[str, _SuggestionSet]
-    refill: asyncio.Lock
+    live: dict[str, tuple[int, Generation]] = field(default_factory=dict)
+    sets: OrderedDict[str, _SuggestionSet] = field(default_factory=OrderedDict)
+    # thread locks: the state is used from the event loop and from route threads, and outlives a loop
+    making: threading.Lock = field(default_factory=threading.Lock)
+
+
+_STATE_LOCK = threading.Lock()
 
 
 def _state(request: Request) -> _TrainerState:
-    state: _TrainerState | None = getattr(request.app.state, "trainer", None)
-    if state is None:
-        state = request.app.state.trainer = _TrainerState({}, OrderedDict(), asyncio.Lock())
-    return state
+    with _STATE_LOCK:
+        state: _TrainerState | None = getattr(request.app.state, "trainer", None)
+        if state is None:
+            state = request.app.state.trainer = _TrainerState()
+        return state
 
 
 @contextmanager
@@ -597,9 +601,10 @@ def _find_next(engine: Engine, user_id: int) -> dict[str, Any] | None:
         return task_json(view, trainer) if view is not None else None
 
 
-async def _make_tasks(request: Request, engine: Engine, registry: ModelRegistry) -> int:
-    """New comparison tasks from unused model replies of trainer chats, sampled by the served policy."""
+async def _next_or_new_task(request: Request, engine: Engine, registry: ModelRegistry, user_id: int) -> Any:
+    """The trainer's next task, after making new ones from unused model replies of trainer chats."""
     config = trainer_settings(request)
+    state = _state(request)
     names = [n.strip() for n in config.alt_models.split(",") if n.strip()]
     held: list[LoadedModel] = []
     try:
@@ -610,40 +615,41 @@ async def _make_tasks(request: Request, engine: Engine, registry: ModelRegistry)
             except UnknownModel:
                 log.warning("alternative model %s is unknown: tasks are sampled without it", name)
 
-        def create() -> int:
-            with session_scope(engine) as session:
-                handles = [
-                    PolicyHandle(lm.model, lm.tokenizer, version_id_of(session, lm.entry)) for lm in held
-                ]
-                tasks = create_comparison_tasks(
-                    session,
-                    handles[0],
-                    config.tasks_per_refill,
-                    rng=random.Random(),
-                    k=config.k,
-                    overlap=config.overlap,
-                    alt_models=handles[1:],
-                )
-                return len(tasks)
+        def make_then_find() -> dict[str, Any] | None:
+            with state.making:  # one batch at a time: trainers arriving together share it
+                found = _find_next(engine, user_id)
+                if found is not None:
+                    return found
+                with session_scope(engine) as session:
+                    handles = [
+                        PolicyHandle(lm.model, lm.tokenizer, version_id_of(session, lm.entry)) for lm in held
+                    ]
+                    create_comparison_tasks(
+                        session,
+                        handles[0],
+                        config.tasks_per_refill,
+                        rng=random.Random(),
+                        k=config.k,
+                        overlap=config.overlap,
+                        alt_models=handles[1:],
+                    )
+                return _find_next(engine, user_id)
 
-        # decoding alongside the generation worker: a forward pass does not change the model
-        return await run_in_threadpool(create)
+        # decoding beside the generation worker's thread: a forward pass does not change the model
+        return await run_in_threadpool(make_then_find)
     finally:
         for lm in held:
             registry.release(lm)
 
 
-@router.get("/api/trainer/tasks/next")
+@router.post("/api/trainer/tasks/next")
 async def next_task(
     request: Request, trainer: Trainer, engine: EngineDep, registry: RegistryDep
 ) -> dict[str, Any]:
-    """The next task for me; when none is open, new ones are made first (one trainer at a time)."""
+    """The next task for me; when none is open, new ones are made first."""
     found = await run_in_threadpool(_find_next, engine, trainer.id)
     if found is None:
-        async with _state(request).refill:
-            found = await run_in_threadpool(_find_next, engine, trainer.id)  # another trainer made some
-            if found is None and await _make_tasks(request, engine, registry):
-                found = await run_in_threadpool(_find_next, engine, trainer.id)
+        found = await _next_or_new_task(request, engine, registry, trainer.id)
     message = (
         None
         if found is not None
@@ -728,9 +734,12 @@ def _my_counts(session: Session, trainer: User) -> dict[str, int]:
         )
         or 0
     )
-    answers = my_answers(session, trainer, limit=1_000_000)
-    counts["ranked"] = sum(1 for r in answers if r.skip_reason is None)
-    counts["skipped"] = sum(1 for r in answers if r.skip_reason is not None)
+    skipped = Ranking.skip_reason.is_not(None)
+    answers = session.execute(
+        select(skipped, func.count()).where(Ranking.trainer_id == trainer.id).group_by(skipped)
+    )
+    by_kind = {bool(k): n for k, n in answers}
+    counts["ranked"], counts["skipped"] = by_kind.get(False, 0), by_kind.get(True, 0)
     counts["replies_waiting"] = len(eligible_originals(session))
     counts["tasks_open"] = (
         session.scalar(

@@ -307,6 +307,7 @@ class GenerationWorker:
 
     async def start(self, *, preload: bool = True) -> None:
         """Start the loop; with `preload`, load the served model now rather than on the first request."""
+        self._wake = asyncio.Event()  # bound to this event loop: the worker may be started again later
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dialoop-generate")
         self._task = asyncio.create_task(self._run(), name="dialoop-generation-worker")
         if preload:

@@ -263,26 +263,24 @@ def load_ppo_models(
     return PPOModels(policy=policy, value=value, ref=ref, reward=reward)
 
 
-class ActorCritic(torch.nn.Module):
-    """Policy and value under one module, so accelerate wraps (DDP), clips and checkpoints them together."""
+class PolicyPass(torch.nn.Module):
+    """The policy's training forward: reply log-probs [B, R], entropy summed over reply tokens, PPO-ptx loss.
 
-    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module) -> None:
+    A module of its own so that accelerate wraps it (DDP) and the backward of each model can run apart:
+    only one model's activations are alive at a time.
+    """
+
+    def __init__(self, policy: torch.nn.Module) -> None:
         super().__init__()
         self.policy = policy
-        self.value = value
 
     def forward(
         self, exp: Experience, temperature: float, ptx_batch: dict[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
-        """Reply log-probs and values [B, R], the entropy summed over reply tokens, the PPO-ptx loss sum."""
         logits = reply_logits(self.policy, exp)
         rows, steps = reply_token_index(exp)
-        out = {
-            "logprobs": scatter_replies(
-                token_logprobs(logits, exp.response_ids[rows, steps], temperature), exp
-            ),
-            "values": response_values(self.value, exp),
-        }
+        logprobs = token_logprobs(logits, exp.response_ids[rows, steps], temperature)
+        out = {"logprobs": scatter_replies(logprobs, exp)}
         with torch.no_grad():
             out["entropy_sum"] = entropy_from_logits(logits, temperature).sum()
         if ptx_batch is not None:
@@ -290,6 +288,17 @@ class ActorCritic(torch.nn.Module):
 
             out["ptx_loss_sum"], _ = causal_lm_loss(self.policy, ptx_batch)
         return out
+
+
+class ValuePass(torch.nn.Module):
+    """The value model's training forward: the value before each reply token [B, R]."""
+
+    def __init__(self, value: torch.nn.Module) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, exp: Experience) -> Tensor:
+        return response_values(self.value, exp)
 
 
 class PolicyEMA:
@@ -372,12 +381,13 @@ class PPOTrainer:
         self.kl_ctl = KLController(beta=config.beta, target=config.kl_target, horizon=config.kl_horizon)
         self.local_batch = config.batch_size // n_proc
         self.local_mini = config.mini_batch_size // n_proc
-        # the whole local batch is one mini-batch and fits one pass: the first epoch's forward gives the
-        # "old" log-probs and values, so making the experience needs no policy or value pass of its own
+        # the whole local batch is one mini-batch and fits one pass: the first epoch's policy forward gives
+        # the "old" log-probs, so making the experience needs no policy pass of its own
         self.fused_old = self.local_mini == self.local_batch and config.micro_batch_size >= self.local_batch
         # padding costs compute; so does one more (smaller) forward pass: GPUs prefer fewer, larger batches
         self.pass_overhead_tokens = 16 if accelerator.device.type == "cpu" else 1024
         self.ptx_rows = self._ptx_rows(demonstrations) if config.ptx_coef > 0 else []
+        self._ptx_tokens = torch.zeros(())
 
         self.dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
         if wants_fp32_attention(accelerator.device, self.dtype):
@@ -385,10 +395,13 @@ class PPOTrainer:
                 if isinstance(model, torch.nn.Module):
                     use_fp32_attention(model)
         updates = self.num_steps * config.ppo_epochs * (config.batch_size // config.mini_batch_size)
-        actor_critic = ActorCritic(models.policy, models.value)
-        optimizer, self.scheduler = make_optimizer(config, actor_critic, updates)
+        trained = torch.nn.ModuleList([PolicyPass(models.policy), ValuePass(models.value)])
+        optimizer, self.scheduler = make_optimizer(config, trained, updates)
         use_fused_adamw(optimizer)
-        self.model, self.optimizer = accelerator.prepare(actor_critic, optimizer)
+        self.policy_pass, self.value_pass, self.optimizer = accelerator.prepare(
+            trained[0], trained[1], optimizer
+        )
+        self.trained = torch.nn.ModuleList([self.policy_pass, self.value_pass])  # for clipping, train()
         accelerator.register_for_checkpointing(self.scheduler)
         self.ema = PolicyEMA(self.policy, config.ema_decay) if config.ema_decay > 0 else None
         if self.ema is not None:
@@ -400,11 +413,11 @@ class PPOTrainer:
 
     @property
     def policy(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model).policy
+        return self.accelerator.unwrap_model(self.policy_pass).policy
 
     @property
     def value(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model).value
+        return self.accelerator.unwrap_model(self.value_pass).value
 
     def _ptx_rows(self, demonstrations: Sequence[ChatExample]) -> list[Any]:
         from dialoop.train.sft import tokenize_chat
@@ -518,16 +531,16 @@ class PPOTrainer:
 
     @torch.no_grad()
     def _score(self, exp: Experience) -> None:
-        """Reward scores and reference log-probs (and, unless fused, old log-probs, values and advantages)."""
+        """Reward scores, reference log-probs and values (and, unless fused, old log-probs and advantages)."""
         config, acc = self.config, self.accelerator
-        buckets = self.buckets(exp, range(len(exp)), config.micro_batch_size)
-        # frozen models are stored in the compute dtype; LoRA views and the fp32 policy need autocast
         raw = torch.zeros(len(exp), device=acc.device)
         if not isinstance(self.reward, torch.nn.Module) and self.reward is not None:
             raw = function_scores(self.reward, exp)
-        for rows in buckets:
+        value_pass = acc.unwrap_model(self.value_pass)
+        for rows in self.buckets(exp, range(len(exp)), config.micro_batch_size):
             part = exp.rows(rows)
             idx = torch.tensor(rows, device=acc.device)
+            # frozen models are stored in the compute dtype; LoRA views and fp32 master weights need autocast
             if isinstance(self.reward, torch.nn.Module):
                 raw[idx] = reward_model_scores(self.reward, part)
             elif self.reward is None:
@@ -540,11 +553,11 @@ class PPOTrainer:
                     )
             else:
                 exp.put_rows("ref_logprobs", rows, response_logprobs(self.ref, part, config.temperature))
-            if not self.fused_old:
-                with acc.autocast():
-                    out = acc.unwrap_model(self.model)(part, config.temperature)
-                exp.put_rows("old_logprobs", rows, out["logprobs"])
-                exp.put_rows("old_values", rows, out["values"])
+            with acc.autocast():
+                exp.put_rows("old_values", rows, value_pass(part))
+                if not self.fused_old:
+                    out = acc.unwrap_model(self.policy_pass)(part, config.temperature)
+                    exp.put_rows("old_logprobs", rows, out["logprobs"])
         exp.raw_scores = raw.float()
         exp.scores = apply_missing_eos_score(exp.raw_scores, exp.finished, config.no_eos_score)
         if not self.fused_old:
@@ -565,25 +578,23 @@ class PPOTrainer:
         exp.advantages = advantages
 
     def _learn(self, exp: Experience) -> dict[str, float]:
-        """`ppo_epochs` passes of clipped policy + value updates over shuffled mini-batches."""
+        """`ppo_epochs` passes of clipped policy and value updates over shuffled mini-batches."""
         config, acc = self.config, self.accelerator
         totals: dict[str, Tensor] = {}
         n_updates = 0
-        self.model.train()
+        self.trained.train()
         gen = torch.Generator().manual_seed(row_seed(config.seed, self.state.step, acc.process_index))
         for epoch in range(config.ppo_epochs):
             order = torch.randperm(len(exp), generator=gen).tolist()
             minis = [order[i : i + self.local_mini] for i in range(0, len(order), self.local_mini)]
             counts = acc.reduce(torch.stack([exp.response_mask[m].sum() for m in minis]), "sum")
             for mini, n_tokens in zip(minis, counts, strict=True):
-                ptx = self._ptx_batch() if self.ptx_rows else None
-                if self.fused_old and epoch == 0:
-                    finite = self._fused_update(exp, mini, n_tokens, ptx, totals)
-                else:
-                    finite = self._update(exp, mini, n_tokens, ptx, totals, epoch)
+                fused = self.fused_old and epoch == 0
+                finite = self._policy_update(exp, mini, n_tokens, totals, fused, epoch)
+                finite = self._value_update(exp, mini, n_tokens, totals) and finite
                 optimizer_step(
                     acc,
-                    self.model,
+                    self.trained,
                     self.optimizer,
                     self.scheduler,
                     loss_finite=finite,
@@ -603,84 +614,84 @@ class PPOTrainer:
         result["kl"] = out["kl_sum"] / config.batch_size
         return result
 
-    def _fused_update(
-        self, exp: Experience, rows: list[int], n_tokens: Tensor, ptx: dict[str, Tensor] | None, totals: dict
+    def _policy_update(
+        self, exp: Experience, rows: list[int], n_tokens: Tensor, totals: dict, fused: bool, epoch: int
     ) -> bool:
-        """First epoch, one mini-batch: forward every pass, take its outputs as the "old" ones, then one
-        backward over the summed loss (DDP exchanges gradients once)."""
-        config = self.config
-        buckets = self.buckets(exp, rows, len(rows))
-        outs = [
-            self.model(exp.rows(b), config.temperature, ptx if k == len(buckets) - 1 else None)
-            for k, b in enumerate(buckets)
-        ]
-        for b, out in zip(buckets, outs, strict=True):
-            exp.put_rows("old_logprobs", b, out["logprobs"].detach())
-            exp.put_rows("old_values", b, out["values"].detach())
-        self._advantages(exp)
-        loss = torch.stack(
-            [self._loss(exp.rows(b), out, n_tokens, totals, 0) for b, out in zip(buckets, outs, strict=True)]
-        ).sum()
-        self.accelerator.backward(loss * self.accelerator.num_processes)  # DDP averages over processes
-        return bool(torch.isfinite(loss.detach()))
-
-    def _update(
-        self,
-        exp: Experience,
-        rows: list[int],
-        n_tokens: Tensor,
-        ptx: dict[str, Tensor] | None,
-        totals: dict,
-        epoch: int,
-    ) -> bool:
-        """Forward and backward pass by pass; gradients are exchanged after the last one."""
-        acc = self.accelerator
-        buckets = self.buckets(exp, rows, self.config.micro_batch_size)
-        finite = True
+        """Policy gradients of one mini-batch (PPO-ptx included). `fused`: forward every pass first and take
+        their log-probs as the old ones (then compute the advantages), then one backward over the sum."""
+        config, acc = self.config, self.accelerator
+        ptx = self._ptx_batch() if self.ptx_rows else None
+        buckets = self.buckets(exp, rows, len(rows) if fused else config.micro_batch_size)
+        losses: list[Tensor] = []
+        if fused:
+            outs = [
+                self.policy_pass(exp.rows(b), config.temperature, ptx if k == len(buckets) - 1 else None)
+                for k, b in enumerate(buckets)
+            ]
+            for b, out in zip(buckets, outs, strict=True):
+                exp.put_rows("old_logprobs", b, out["logprobs"].detach())
+            self._advantages(exp)
+            loss = torch.stack(
+                [
+                    self._policy_loss(exp.rows(b), o, n_tokens, totals, epoch)
+                    for b, o in zip(buckets, outs, strict=True)
+                ]
+            ).sum()
+            acc.backward(loss * acc.num_processes)  # DDP averages gradients over processes
+            return bool(torch.isfinite(loss.detach()))
         for k, b in enumerate(buckets):
             last = k == len(buckets) - 1
-            with acc.no_sync(self.model) if not last else nullcontext():
+            # gradients are exchanged once per update, with the last pass
+            with acc.no_sync(self.policy_pass) if not last else nullcontext():
                 part = exp.rows(b)
-                out = self.model(part, self.config.temperature, ptx if last else None)
-                loss = self._loss(part, out, n_tokens, totals, epoch)
-                acc.backward(loss * acc.num_processes)  # DDP averages over processes
-            finite = finite and bool(torch.isfinite(loss.detach()))
-        return finite
+                out = self.policy_pass(part, config.temperature, ptx if last else None)
+                loss = self._policy_loss(part, out, n_tokens, totals, epoch)
+                acc.backward(loss * acc.num_processes)
+            losses.append(loss.detach())
+        return bool(torch.isfinite(torch.stack(losses)).all())
 
-    def _loss(
+    def _value_update(self, exp: Experience, rows: list[int], n_tokens: Tensor, totals: dict) -> bool:
+        """Value gradients of one mini-batch (clipped value loss times its coefficient)."""
+        config, acc = self.config, self.accelerator
+        buckets = self.buckets(exp, rows, config.micro_batch_size)
+        losses: list[Tensor] = []
+        for k, b in enumerate(buckets):
+            with acc.no_sync(self.value_pass) if k < len(buckets) - 1 else nullcontext():
+                part = exp.rows(b)
+                assert part.old_values is not None and part.returns is not None
+                vf_loss, vf_clip_frac = clipped_value_loss(
+                    self.value_pass(part),
+                    part.old_values,
+                    part.returns,
+                    part.response_mask,
+                    config.clip_range_value,
+                    num_tokens=n_tokens,
+                )
+                acc.backward(config.value_coef * vf_loss * acc.num_processes)
+            _accumulate(totals, {"value_loss": vf_loss, "value_clip_frac": vf_clip_frac})
+            losses.append(vf_loss.detach())
+        return bool(torch.isfinite(torch.stack(losses)).all())
+
+    def _policy_loss(
         self, part: Experience, out: dict[str, Tensor], n_tokens: Tensor, totals: dict, epoch: int
     ) -> Tensor:
-        """Policy + value (+ PPO-ptx) loss of one pass, normalised by the mini-batch's global token count;
-        adds the pass's statistics to `totals`."""
+        """Clipped policy loss (+ PPO-ptx) of one pass, normalised by the mini-batch's global token count."""
         config = self.config
-        assert part.old_logprobs is not None and part.old_values is not None and part.ref_logprobs is not None
-        assert part.advantages is not None and part.returns is not None
+        assert part.old_logprobs is not None and part.ref_logprobs is not None and part.advantages is not None
         mask = part.response_mask
-        pg_loss, clip_frac, approx_kl = clipped_policy_loss(
+        loss, clip_frac, approx_kl = clipped_policy_loss(
             out["logprobs"], part.old_logprobs, part.advantages, mask, config.clip_range, num_tokens=n_tokens
         )
-        vf_loss, vf_clip_frac = clipped_value_loss(
-            out["values"], part.old_values, part.returns, mask, config.clip_range_value, num_tokens=n_tokens
-        )
-        loss = pg_loss + config.value_coef * vf_loss
-        stats = {
-            "policy_loss": pg_loss,
-            "value_loss": vf_loss,
-            "clip_frac": clip_frac,
-            "value_clip_frac": vf_clip_frac,
-            "approx_kl": approx_kl,
-        }
+        stats = {"policy_loss": loss, "clip_frac": clip_frac, "approx_kl": approx_kl}
         if "ptx_loss_sum" in out:
-            n_ptx = self.accelerator.reduce(self._ptx_tokens, "sum")
-            ptx_loss = out["ptx_loss_sum"] / n_ptx
+            ptx_loss = out["ptx_loss_sum"] / self.accelerator.reduce(self._ptx_tokens, "sum")
             loss = loss + config.ptx_coef * ptx_loss
             stats["ptx_loss"] = ptx_loss
         if epoch == 0:
             stats["entropy_sum"] = out["entropy_sum"]
             stats["tokens"] = mask.sum()
             stats["kl_sum"] = masked_sum(part.old_logprobs - part.ref_logprobs, mask)
-        for key, value in stats.items():
-            totals[key] = totals.get(key, torch.zeros(())) + value.detach().float().cpu()
+        _accumulate(totals, stats)
         return loss
 
     def _ptx_batch(self) -> dict[str, Tensor]:
@@ -706,6 +717,11 @@ class PPOTrainer:
             policy = policy.merge_and_unload()  # type: ignore[operator]
         restore_sdpa(policy)
         return policy
+
+
+def _accumulate(totals: dict[str, Tensor], stats: dict[str, Tensor]) -> None:
+    for key, value in stats.items():
+        totals[key] = totals.get(key, torch.zeros(())) + value.detach().float().cpu()
 
 
 # --- the run ---------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from webclient import Live, live_web_server
 from dialoop.collect.abtest import ABPair, ab_result, create_ab_test
 from dialoop.store import session_scope
 from dialoop.store.accounts import get_user
-from dialoop.store.models import Message, ModelVersion
+from dialoop.store.models import Conversation, Message, ModelVersion
 from dialoop.store.registry import register_model_version
 
 pytestmark = pytest.mark.browser
@@ -130,18 +130,21 @@ def test_an_iteration_started_from_the_admin_page_becomes_selectable_in_the_chat
     # a user picks the new version in the chat and it answers
     chat = logged_in(browser, live, "alice", "/chat")
     page = chat.page
+    page.wait_for_selector('#model-picker option[value="policy-1"]', state="attached")
     options = page.locator("#model-picker option").all_inner_texts()
     assert "policy-1 (served)" in options and "sft-1" in options
     page.select_option("#model-picker", "policy-1")
     set_max_tokens(page, 4)
     send(page, "Say something.")
+    page.locator(".message.assistant").first.wait_for()
     wait_reply_done(page)
     page.screenshot(path=screenshot_dir / "chat-model-picker.png")
     with session_scope(live.app.state.engine) as session:
-        reply = session.scalars(
-            select(Message).where(Message.role == "assistant").order_by(Message.id.desc())
-        ).first()
-        assert reply is not None and reply.author_model_id == policy_id
+        alice = get_user(session, "alice")
+        assert alice is not None
+        mine = (Conversation.owner_id == alice.id, Message.role == "assistant")
+        [reply] = session.scalars(select(Message).join(Conversation).where(*mine))
+        assert reply.author_model_id == policy_id
     chat.page.context.close()
 
 

@@ -42,7 +42,10 @@ class TurnBox {
       this.state,
     );
     this.node = el("article", { class: `turn ${this.role}${this.id === null ? " next" : ""}`, dataset: { role: this.role } }, this.bar, this.textarea);
-    this.textarea.addEventListener("input", () => this.changed());
+    this.textarea.addEventListener("input", () => {
+      this.fit();
+      this.changed();
+    });
     this.textarea.addEventListener("keydown", (e) => {
       if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
         e.preventDefault();
@@ -50,6 +53,12 @@ class TurnBox {
       }
     });
     this.mark();
+  }
+
+  /** Grow the textarea with its text (CSSOM, which the page's Content-Security-Policy allows). */
+  fit() {
+    this.textarea.style.height = "auto";
+    this.textarea.style.height = `${Math.max(this.textarea.scrollHeight + 2, 72)}px`;
   }
 
   get key() {
@@ -96,6 +105,7 @@ class TurnBox {
           const created = await sendJson("POST", `${this.editor.url}/turns`, { role: this.role, content: text });
           localStorage.removeItem(this.key);
           this.id = created.turn.id;
+          this.saved = text;
           this.editor.created(this, created.demonstration);
         } else {
           const saved = await sendJson("PUT", `${this.editor.url}/turns/${this.id}`, { content: text });
@@ -106,6 +116,7 @@ class TurnBox {
         else localStorage.setItem(this.key, this.textarea.value);
         this.mark(this.textarea.value === text ? "saved" : "unsaved");
         this.editor.showError("");
+        this.editor.updateSuggestPanel();
       } catch (error) {
         this.mark("not saved");
         this.editor.showError(`Not saved (kept in this browser): ${error.message}`);
@@ -190,6 +201,7 @@ class DemonstrationEditor {
     this.boxes = turns.map((t) => new TurnBox(this, t));
     if (this.editable) this.boxes.push(this.nextBox());
     $("turns").replaceChildren(...this.boxes.map((b) => b.node));
+    for (const box of this.boxes) box.fit();
     let restored = 0;
     for (const box of this.boxes) {
       const local = localStorage.getItem(box.key);
@@ -250,7 +262,15 @@ class DemonstrationEditor {
 
   updateSuggestPanel() {
     // suggestions answer the last user turn: offered once there is one, for the reply that follows it
-    $("suggest-panel").hidden = !this.editable || !this.stored().some((b) => b.role === "user");
+    const stored = this.stored();
+    const question = stored.filter((b) => b.role === "user").pop();
+    $("suggest-panel").hidden = !this.editable || !question;
+    if (!question) return;
+    const replaces = stored[stored.length - 1].role === "assistant";
+    const start = question.saved.trim().split("\n")[0];
+    $("suggest-for").textContent =
+      `Replies to “${start.length > 80 ? `${start.slice(0, 80)}…` : start}”` +
+      (replaces ? "; inserting one replaces the assistant's reply below it." : "; insert one, then edit it.");
   }
 
   async flush() {

@@ -100,7 +100,7 @@ class RankPage {
   async next() {
     $("task").hidden = true;
     $("rank-empty").hidden = true;
-    const data = await getJson(`${this.api}/tasks/next`);
+    const data = await sendJson("POST", `${this.api}/tasks/next`);
     if (!data.task) {
       this.task = null;
       $("rank-empty").textContent = data.message;
