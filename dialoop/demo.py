@@ -31,7 +31,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from dialoop.collect import PolicyHandle, create_comparison_tasks
-from dialoop.evaluate.card import EvalConfig, ModelSpec, evaluate_models, targets
+from dialoop.evaluate.card import EvalConfig, ModelSpec, evaluate_models, inference_dtype, targets
 from dialoop.evaluate.progress import stage_progress
 from dialoop.evaluate.report import write_report
 from dialoop.loop import IterationConfig, IterationResult, ensure_base_version, record_cards, run_iteration
@@ -166,14 +166,14 @@ def _chunks(items: Sequence[Prompt], size: int) -> Iterator[Sequence[Prompt]]:
         yield items[start : start + size]
 
 
-def _load_policy(engine: Engine, version_id: int | None = None) -> PolicyHandle:
+def _load_policy(engine: Engine, precision: str, version_id: int | None = None) -> PolicyHandle:
     """The served policy (or version `version_id`) loaded as a handle for the collection workflows."""
     with session_scope(engine) as session:
         version = session.get(ModelVersion, version_id) if version_id is not None else served_model(session)
         if version is None:
             raise RuntimeError("no policy is served")
         path, vid = version.path, version.id
-    model, tokenizer = load_model_and_tokenizer(path)
+    model, tokenizer = load_model_and_tokenizer(path, dtype=inference_dtype(precision))
     return PolicyHandle(model, tokenizer, vid)
 
 
@@ -307,14 +307,14 @@ def run_demo(config: DemoConfig) -> DemoResult:
             base_id = ensure_base_version(session, base).id
             trainers = create_trainers(session, config.trainers, seed=config.seed, config=config.trainer)
     try:
-        handle = _load_policy(engine, base_id)
+        handle = _load_policy(engine, config.eval.precision, base_id)
         with stages("demonstrations"):
             written = _write_demonstrations(engine, config, trainers, handle)
             log.info("%d demonstrations written", written)
         del handle
         iterations = [_iterate(engine, config, base, stages, 1)]
         for r in range(1, config.rounds + 1):
-            handle = _load_policy(engine)
+            handle = _load_policy(engine, config.eval.precision)
             with stages(f"round {r}: chats"):
                 _chat(engine, config, trainers, handle, r)
             with stages(f"round {r}: comparison tasks"):

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -176,7 +177,7 @@ class JobManager:
         self.grace_s = grace_s  # after a cancel, how long the child may take to stop before SIGKILL
         self.jobs: dict[int, IterationJob] = {}
         self._lock = threading.Lock()
-        atexit.register(self.shutdown)
+        atexit.register(_shutdown_at_exit, weakref.ref(self))  # weak: an app that is gone is not kept alive
 
     def running(self) -> IterationJob | None:
         return next((j for j in self.jobs.values() if j.status == "running"), None)
@@ -377,6 +378,12 @@ class JobManager:
             "stages": stages,
             "log_tail": "\n".join(text.splitlines()[-40:]),
         }
+
+
+def _shutdown_at_exit(manager: weakref.ref[JobManager]) -> None:
+    jobs = manager()
+    if jobs is not None:
+        jobs.shutdown()
 
 
 _create_lock = threading.Lock()

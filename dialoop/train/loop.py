@@ -67,8 +67,12 @@ def fit(
     weight_fn: Callable[[T], float],
     run_dir: Path,
     description: str,
+    length_fn: Callable[[T], int] | None = None,
 ) -> tuple[torch.nn.Module, TrainState]:
-    """Train `model` on `examples` (from the latest checkpoint with --resume); returns the prepared model."""
+    """Train `model` on `examples` (from the latest checkpoint with --resume); returns the prepared model.
+
+    `length_fn` (tokens of an example), when given, groups examples of similar length into micro-batches.
+    """
     if not examples:
         raise ValueError("no training examples")
     weights = [float(weight_fn(e)) for e in examples]
@@ -97,7 +101,11 @@ def fit(
             started = time.perf_counter()
             indices = global_batch_indices(len(examples), config.batch_size, config.seed, state.step)
             norm = sum(weights[i] for i in indices)
-            micro_batches = list(chunks(process_share(indices, accelerator), config.micro_batch_size))
+            share = process_share(indices, accelerator)
+            if length_fn is not None:
+                # similar lengths in a micro-batch waste less compute on padding; the step's loss is the same
+                share.sort(key=lambda i: length_fn(examples[i]))
+            micro_batches = list(chunks(share, config.micro_batch_size))
             if len(micro_batches) != n_micro:
                 raise RuntimeError(f"{len(micro_batches)} micro-batches for {n_micro} accumulation steps")
             model.train()

@@ -377,6 +377,7 @@ def train_reward_model(
         encoded,
         loss_fn=loss_fn,
         weight_fn=lambda r: 1.0,
+        length_fn=lambda r: sum(len(p) + len(c) for p, c in r.candidates),
         run_dir=run_dir,
         description="reward model",
     )

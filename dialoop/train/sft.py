@@ -210,6 +210,7 @@ def train_sft(config: SFTConfig, examples: Sequence[ChatExample]) -> Path:
         rows,
         loss_fn=loss_fn,
         weight_fn=lambda r: r.num_targets,
+        length_fn=lambda r: len(r.input_ids),
         run_dir=run_dir,
         description="SFT",
     )
