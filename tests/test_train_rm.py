@@ -97,23 +97,23 @@ def test_candidates_behind_a_shared_prompt_score_as_if_alone(tiny_model_dir: Pat
         RankingExample(
             [{"role": "user", "content": "Hi there"}], ["Hello!", "Hey, how are you doing?", "Yo"], [0, 1, 2]
         ),
-        # a long prompt, cut differently for replies of different lengths: two prompt groups in one row
+        # a long prompt, cut (from the left) so that it fits with the longest reply
         RankingExample(
             [{"role": "user", "content": "tell me " * 30}], ["short", "a much longer reply " * 3], [1, 0]
         ),
     ]
     max_length = 48
     encoded = [encode_ranking(tokenizer, r, max_length) for r in rankings]
-    assert encoded[1].candidates[0][0] != encoded[1].candidates[1][0]
     scorer = RankingScorer(model)
     cpu = torch.device("cpu")
     with torch.no_grad():
         shared = score_groups(scorer, [e.candidates for e in encoded], 0, True, cpu)
         plain = score_groups(scorer, [e.candidates for e in encoded], 0, False, cpu)
-        seqs = [encode_reply(tokenizer, r.prompt, c, max_length) for r in rankings for c in r.completions]
+        seqs = [p + r for e in encoded for p, r in e.candidates]
         batch = pad_right(seqs, 0, cpu)
         alone = last_token_scores(model, batch["input_ids"], batch["attention_mask"])
-    assert [p + r for e in encoded for p, r in e.candidates] == seqs
+    assert max(len(s) for s in seqs) == max_length and seqs[-1][-1] == tokenizer.eos_token_id
+    assert seqs[0] == encode_reply(tokenizer, rankings[0].prompt, "Hello!", max_length)
     assert torch.allclose(shared, alone, atol=1e-5) and torch.allclose(plain, alone, atol=1e-5)
 
 

@@ -7,6 +7,7 @@ from dialoop.cli import data  # noqa: F401
 from dialoop.cli import loop  # noqa: F401
 from dialoop.cli import serve  # noqa: F401
 from dialoop.cli import train  # noqa: F401
+from dialoop.cli import train_ppo  # noqa: F401
 from dialoop.cli._app import app
 
 __all__ = ["app"]

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_K = 4
 DEFAULT_OVERLAP = 2
+CHAT_SOURCE = "chat"  # tasks made from model-written messages of trainer chats
 FLAG_KINDS = ("harmful", "untrue", "private_data")
 _SEED_RANGE = 2**31
 
@@ -120,7 +121,9 @@ def create_comparison_tasks(
     for t, original in enumerate(picked):
         context = original.parent
         assert context is not None
-        task = ComparisonTask(context_message_id=context.id, overlap=overlap, status="open", source="chat")
+        task = ComparisonTask(
+            context_message_id=context.id, overlap=overlap, status="open", source=CHAT_SOURCE
+        )
         session.add(task)
         session.flush()
         messages = [original]

@@ -74,7 +74,7 @@ from dialoop.collect import (
 )
 from dialoop.collect.common import context_of, sampling_record
 from dialoop.collect.demonstrations import EDITABLE
-from dialoop.collect.tasks import DEFAULT_K, DEFAULT_OVERLAP, eligible_originals
+from dialoop.collect.tasks import CHAT_SOURCE, DEFAULT_K, DEFAULT_OVERLAP, eligible_originals
 from dialoop.formats.records import ChatMessage
 from dialoop.serve.auth import csrf_protect, require_role
 from dialoop.serve.deps import EngineDep, RegistryDep, ServeSettings, ServeSettingsDep, SessionDep, WorkerDep
@@ -597,7 +597,7 @@ def _find_next(engine: Engine, user_id: int) -> dict[str, Any] | None:
     with session_scope(engine) as session:
         trainer = session.get_one(User, user_id)
         with collect_errors():
-            view = next_task_for(session, trainer)
+            view = next_task_for(session, trainer, source=CHAT_SOURCE)
         return task_json(view, trainer) if view is not None else None
 
 

@@ -31,7 +31,7 @@ from dialoop.collect import (
     submit_ranking,
     suggest_replies_many,
 )
-from dialoop.collect.tasks import TaskView
+from dialoop.collect.tasks import CHAT_SOURCE, TaskView
 from dialoop.modeling.generation import SamplingParams
 from dialoop.sim.gold import gold_score, is_refusal
 from dialoop.sim.prompts import Prompt, parse_prompt
@@ -137,7 +137,7 @@ class SimulatedTrainer:
 
     def rank_next(self, session: Session) -> Ranking | None:
         """Answer the next task offered (rank it, or skip it at `skip_rate`); None when none is left."""
-        view = next_task_for(session, self.user)
+        view = next_task_for(session, self.user, source=CHAT_SOURCE)
         if view is None:
             return None
         scores, flags = self.judge(view)

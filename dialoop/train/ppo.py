@@ -38,6 +38,7 @@ from dialoop.train.common import (
     NonFiniteGuard,
     TrainState,
     disable_dropout,
+    freeze_lower_layers,
     global_batch_indices,
     load_training_tokenizer,
     make_accelerator,
@@ -115,21 +116,13 @@ def read_prompt_lines(path: Path) -> list[list[ChatMessage]]:
     return prompts
 
 
-def _store_chats() -> list[list[ChatMessage]]:
-    """Demonstrations, chats and comparison contexts of the store, through `dialoop.formats`."""
+def _store_chats(session: Any) -> list[list[ChatMessage]]:
+    """Conversations of every kind (demonstrations, chats, imported) and comparison contexts of the store."""
     from dialoop.formats import chat_examples_from_store, ranking_examples_from_store
-    from dialoop.settings import settings
-    from dialoop.store.db import session_scope
-    from dialoop.store.migrate import open_store
+    from dialoop.store.models import CONVERSATION_KINDS
 
-    engine = open_store(settings().db_url)
-    try:
-        with session_scope(engine) as session:
-            chats = [e.messages for e in chat_examples_from_store(session, kinds=("demonstration", "chat"))]
-            chats += [e.prompt for e in ranking_examples_from_store(session)]
-    finally:
-        engine.dispose()
-    return chats
+    chats = [e.messages for e in chat_examples_from_store(session, kinds=CONVERSATION_KINDS)]
+    return chats + [e.prompt for e in ranking_examples_from_store(session)]
 
 
 def load_prompts(config: PPOConfig) -> list[list[ChatMessage]]:
@@ -147,7 +140,9 @@ def load_prompts(config: PPOConfig) -> list[list[ChatMessage]]:
             chats = [e.messages for e in read_chat_examples(config.data, config.format)]
         where = str(config.data)
     else:
-        chats, where = _store_chats(), "the store"
+        from dialoop.train.data import _from_store
+
+        chats, where = _from_store(_store_chats), "the store"
     prompts = prompts_of_chats(chats)
     if not prompts:
         raise ValueError(f"no user turns to use as prompts in {where}")
@@ -240,8 +235,11 @@ def load_ppo_models(
         value = load_reward_model(value_source, dtype=torch.float32, device=device)
     else:  # a programmatic reward and no value model: a fresh head on the policy's backbone
         value = reward_model_from_lm(policy_source, dtype=torch.float32, device=device, tokenizer=tokenizer)
+    if config.lora_r > 0 and config.trainable_layers > 0:
+        raise ValueError("--trainable-layers and --lora-r do not combine (LoRA adapts every layer)")
     for trained in (policy, value):
         disable_dropout(trained)
+        freeze_lower_layers(trained, config.trainable_layers)
         trained.train()
         if config.gradient_checkpointing:
             trained.gradient_checkpointing_enable()  # type: ignore[operator]
@@ -385,7 +383,7 @@ class PPOTrainer:
         # the "old" log-probs, so making the experience needs no policy pass of its own
         self.fused_old = self.local_mini == self.local_batch and config.micro_batch_size >= self.local_batch
         # padding costs compute; so does one more (smaller) forward pass: GPUs prefer fewer, larger batches
-        self.pass_overhead_tokens = 16 if accelerator.device.type == "cpu" else 1024
+        self.pass_overhead_tokens = 48 if accelerator.device.type == "cpu" else 1024
         self.ptx_rows = self._ptx_rows(demonstrations) if config.ptx_coef > 0 else []
         self._ptx_tokens = torch.zeros(())
 

@@ -12,6 +12,24 @@ from dialoop.train.config import TrainConfig
 class PPOConfig(TrainConfig):
     """PPO (`dialoop train ppo`): `--model` is the SFT policy (and the reference), `--reward-model` the RM."""
 
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "The SFT model: initial policy and frozen reference (default: the embedded default)."
+        },
+    )
+    data: Path | None = field(
+        default=None,
+        metadata={
+            "help": "Use the user turns of this file (any `dialoop import` format) instead of the store."
+        },
+    )
+    epochs: float = field(
+        default=1.0, metadata={"help": "Passes over the prompts (ignored when --max-steps > 0)."}
+    )
+    max_steps: int = field(
+        default=0, metadata={"help": "PPO steps (batches of rollouts) to run; 0: derived from --epochs."}
+    )
     reward_model: str | None = field(
         default=None, metadata={"help": "Reward model dir (written by `dialoop train rm`); required."}
     )
@@ -27,7 +45,11 @@ class PPOConfig(TrainConfig):
         default=16, metadata={"help": "Episodes per optimizer update (batch / mini-batch updates per epoch)."}
     )
     micro_batch_size: int = field(
-        default=16, metadata={"help": "Sequences per forward pass in one process (accumulation)."}
+        default=16,
+        metadata={
+            "help": "Sequences per forward pass in one process. When it covers the process's share of the "
+            "batch and the batch is one mini-batch, the first policy pass also gives the old log-probs."
+        },
     )
     ppo_epochs: int = field(default=2, metadata={"help": "Passes over each batch of rollouts."})
     max_new_tokens: int = field(default=128, metadata={"help": "Longest reply sampled, in tokens."})

@@ -78,24 +78,28 @@ def pairwise_accuracy(rewards: torch.Tensor, better: torch.Tensor) -> tuple[torc
     return correct.sum(dim=(1, 2)), better.sum(dim=(1, 2))
 
 
-def encode_candidate(
-    tokenizer: Any, prompt_ids: list[int], reply: str, max_length: int
-) -> tuple[list[int], list[int]]:
-    """(prompt ids, reply ids + EOS), cut to `max_length` tokens in all.
+def encode_candidates(
+    tokenizer: Any, prompt: list[ChatMessage], replies: Sequence[str], max_length: int
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reply ids + EOS) per reply, as the RM (and PPO) score them: the prompt through the chat
+    template with the generation prompt, then the reply, then EOS, where the reward is read.
 
-    A long prompt loses its oldest tokens; a reply longer than 3/4 of `max_length` loses its end (it still
-    ends with EOS, where the reward is read).
+    A reply longer than 3/4 of `max_length` loses its end (it still ends with EOS); a long prompt loses its
+    oldest tokens so that it and the longest reply fit in `max_length`. All replies share that prompt.
     """
-    reply_ids = list(tokenizer(reply, add_special_tokens=False)["input_ids"])
-    reply_cap = max(1, max_length - min(len(prompt_ids), max_length // 4) - 1)
-    reply_ids = [*reply_ids[:reply_cap], int(tokenizer.eos_token_id)]
-    keep = max(0, max_length - len(reply_ids))
-    return prompt_ids[len(prompt_ids) - keep :] if keep < len(prompt_ids) else prompt_ids, reply_ids
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    cap = max(1, max_length - min(len(prompt_ids), max_length // 4) - 1)
+    eos = int(tokenizer.eos_token_id)
+    reply_ids = [[*tokenizer(r, add_special_tokens=False)["input_ids"][:cap], eos] for r in replies]
+    keep = max(0, max_length - max(len(r) for r in reply_ids))
+    if keep < len(prompt_ids):
+        prompt_ids = prompt_ids[len(prompt_ids) - keep :]
+    return [(prompt_ids, r) for r in reply_ids]
 
 
 def encode_reply(tokenizer: Any, prompt: list[ChatMessage], reply: str, max_length: int) -> list[int]:
-    """A candidate as the RM (and PPO) score it: prompt (chat template + generation prompt) + reply + EOS."""
-    prompt_ids, reply_ids = encode_candidate(tokenizer, encode_prompt(tokenizer, prompt), reply, max_length)
+    """One candidate's token ids (see `encode_candidates`)."""
+    [(prompt_ids, reply_ids)] = encode_candidates(tokenizer, prompt, [reply], max_length)
     return prompt_ids + reply_ids
 
 
@@ -108,10 +112,8 @@ class EncodedRanking:
 
 
 def encode_ranking(tokenizer: Any, example: RankingExample, max_length: int) -> EncodedRanking:
-    prompt_ids = encode_prompt(tokenizer, example.prompt)
     return EncodedRanking(
-        [encode_candidate(tokenizer, prompt_ids, c, max_length) for c in example.completions],
-        ordered_pairs(example),
+        encode_candidates(tokenizer, example.prompt, example.completions, max_length), ordered_pairs(example)
     )
 
 
@@ -407,10 +409,7 @@ def train_reward_model(
     pairs = reference_replies(train, references)
     if config.bias_examples > 0 and len(pairs) > config.bias_examples:
         pairs = random.Random(config.seed).sample(pairs, config.bias_examples)
-    refs = [
-        [encode_candidate(tokenizer, encode_prompt(tokenizer, p), reply, config.max_length)]
-        for p, reply in pairs
-    ]
+    refs = [encode_candidates(tokenizer, p, [reply], config.max_length) for p, reply in pairs]
     ref_scores = score_all(accelerator, model, refs, pad_id, share, config.eval_batch_size)
     bias = sum(group[0] for group in ref_scores) / len(refs)
     set_reward_bias(hf_model, bias)
