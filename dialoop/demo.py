@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from sqlalchemy import Engine
 
 from dialoop.collect import PolicyHandle, create_comparison_tasks
@@ -110,25 +111,53 @@ def demo_config(out: Path, *, quick: bool = False, seed: int = 0, progress: bool
             eval=EvalConfig(prompts=6, max_new_tokens=8, batch_size=8),
             progress=progress,
         )
+    # bf16 autocast where the CPU computes bf16 natively: with the lower layers frozen it took 1.6x less
+    # CPU per SFT step than fp32 on the 2-core machine these budgets were measured on (docs/demo.md)
+    precision = "bf16" if inference_dtype() == torch.bfloat16 else "fp32"
+    replies = 48  # tokens per reply of chats, comparisons, PPO and the card: a budget PPO learns to finish in
     return DemoConfig(
         out=out,
         seed=seed,
+        trainers=4,
+        demonstrations=96,
+        chats_per_round=64,
         trainer=SimTrainerConfig(
-            suggestions=4,
-            suggestion_params=SamplingParams(max_new_tokens=96, temperature=0.8),
-            chat_params=SamplingParams(max_new_tokens=96, temperature=0.7),
+            suggestions=2,
+            suggestion_params=SamplingParams(max_new_tokens=64, temperature=0.8),
+            chat_params=SamplingParams(max_new_tokens=replies, temperature=0.7),
         ),
-        sft=SFTConfig(epochs=2, batch_size=16, micro_batch_size=8, lr=5e-5, max_length=512),
-        rm=RewardConfig(epochs=1, batch_size=16, micro_batch_size=4, lr=2e-5, max_length=384),
+        sft=SFTConfig(
+            epochs=2,
+            batch_size=16,
+            micro_batch_size=8,
+            lr=3e-5,
+            max_length=384,
+            precision=precision,
+            checkpoint_every=0,
+        ),
+        rm=RewardConfig(
+            epochs=1,
+            batch_size=16,
+            micro_batch_size=4,
+            lr=2e-5,
+            max_length=256,
+            trainable_layers=8,
+            precision=precision,
+            checkpoint_every=0,
+        ),
         ppo=PPOConfig(
-            max_steps=16,
+            max_steps=8,
             batch_size=16,
             mini_batch_size=16,
             micro_batch_size=16,
-            max_new_tokens=96,
-            lr=3e-6,
+            ppo_epochs=2,
+            max_new_tokens=replies,
+            lr=1e-5,
+            trainable_layers=6,
+            precision=precision,
+            checkpoint_every=0,
         ),
-        eval=EvalConfig(prompts=128, max_new_tokens=96),
+        eval=EvalConfig(prompts=64, max_new_tokens=replies),
         progress=progress,
     )
 
@@ -143,22 +172,32 @@ class DemoResult:
 
 
 class _Stages:
-    """Wall time per stage, reported to the caller's hook as each stage ends."""
+    """Wall and CPU time per stage, reported to the caller's hook as each stage ends.
+
+    CPU seconds / wall seconds is how many cores the stage got: on a busy machine it says how much of a
+    stage's wall time was waiting for other processes."""
 
     def __init__(self, hook: StageHook | None) -> None:
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
         self.hook = hook
+        self._started: dict[str, tuple[float, float]] = {}
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
+        self.start(name)
         yield
-        self.add(name, time.perf_counter() - started)
+        self.end(name)
 
-    def add(self, name: str, seconds: float) -> None:
-        self.seconds[name] = round(seconds, 2)
+    def start(self, name: str) -> None:
+        self._started[name] = (time.perf_counter(), time.process_time())
+
+    def end(self, name: str) -> None:
+        wall, cpu = self._started.pop(name)
+        self.seconds[name] = round(time.perf_counter() - wall, 2)
+        self.cpu_seconds[name] = round(time.process_time() - cpu, 2)
         if self.hook is not None:
-            self.hook(name, seconds)
+            self.hook(name, self.seconds[name])
 
 
 def _chunks(items: Sequence[Prompt], size: int) -> Iterator[Sequence[Prompt]]:
@@ -239,13 +278,12 @@ def _rank(engine: Engine, config: DemoConfig, trainers: Sequence[SimulatedTraine
 
 def _iterate(engine: Engine, config: DemoConfig, base: Path, stages: _Stages, number: int) -> IterationResult:
     """Iteration `number` of the demo's fresh store, each training stage timed."""
-    started: dict[str, float] = {}
 
     def on_stage(stage: str, status: str) -> None:
         if status == "start":
-            started[stage] = time.perf_counter()
-        elif status == "done" and stage in started:
-            stages.add(f"iteration {number}: {stage}", time.perf_counter() - started[stage])
+            stages.start(f"iteration {number}: {stage}")
+        elif status == "done":
+            stages.end(f"iteration {number}: {stage}")
 
     iteration_config = IterationConfig(
         base_model=str(base),
@@ -340,6 +378,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
                         )
                 record_cards(session, report, versions, last.rm_version_id)
         report["stage_seconds"] = dict(stages.seconds)
+        report["stage_cpu_seconds"] = dict(stages.cpu_seconds)
         report["models_dir"] = {k: str(v) for k, v in models.items()}
         report_path = write_report(report, out, samples)
     finally:

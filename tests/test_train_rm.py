@@ -115,6 +115,10 @@ def test_candidates_behind_a_shared_prompt_score_as_if_alone(tiny_model_dir: Pat
     assert max(len(s) for s in seqs) == max_length and seqs[-1][-1] == tokenizer.eos_token_id
     assert seqs[0] == encode_reply(tokenizer, rankings[0].prompt, "Hello!", max_length)
     assert torch.allclose(shared, alone, atol=1e-5) and torch.allclose(plain, alone, atol=1e-5)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        eager = score_groups(scorer, [e.candidates for e in encoded], 0, True, cpu)
+    assert torch.allclose(eager, alone, atol=1e-5)
 
 
 def _marker_rankings(n: int, seed: int) -> list[RankingExample]:

@@ -81,6 +81,9 @@ def bench_ppo_command(
     steps: int = typer.Option(3, "--steps", help="Timed steps (the median is reported)."),
     threads: int = typer.Option(2, "--threads", help="CPU threads."),
     lora_r: int = typer.Option(0, "--lora-r", help="LoRA rank (0: full fine-tuning, as TRL's harness)."),
+    fused_value_pass: bool = typer.Option(
+        False, "--fused-value-pass/--no-fused-value-pass", help="Old values from the first training pass."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the reward head and of sampling."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line (the harness's format)."),
 ) -> None:
@@ -102,6 +105,7 @@ def bench_ppo_command(
         steps=steps,
         threads=threads,
         lora_r=lora_r,
+        fused_value_pass=fused_value_pass,
         seed=seed,
     )
     try:

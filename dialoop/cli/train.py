@@ -2,7 +2,8 @@
 
 `config_command(train_app, "name", ConfigCls, help)` registers `fn(config)` as a command whose options are
 the config's fields (`--batch-size 8`, `--packing/--no-packing`); the PPO stage adds its command the same way.
-Distributed: `accelerate launch [--num_processes N] -m dialoop.train sft ...` runs the same commands.
+Distributed: `accelerate launch --multi_gpu --num_processes N -m dialoop.train sft ...` runs the same
+commands (on a machine without GPUs the processes train on the CPU over gloo).
 """
 
 from __future__ import annotations

@@ -156,9 +156,17 @@ def render_html(report: Mapping[str, Any]) -> str:
         parts += [f'<img src="{html.escape(name)}" alt="{html.escape(key)}">' for key, name in plots.items()]
     seconds = report.get("stage_seconds", {})
     if seconds:
-        rows = [[html.escape(k), _fmt(float(v), 1)] for k, v in seconds.items()]
-        rows.append(["<b>total</b>", f"<b>{_fmt(float(sum(seconds.values())), 1)}</b>"])
-        parts += ["<h2>Wall time per stage (seconds)</h2>", _table(["stage", "seconds"], rows)]
+        cpu = report.get("stage_cpu_seconds", {})
+        rows = [[html.escape(k), _fmt(float(v), 1), _fmt(cpu.get(k), 1)] for k, v in seconds.items()]
+        total_cpu = _fmt(float(sum(cpu.values())), 1) if cpu else "–"
+        rows.append(
+            ["<b>total</b>", f"<b>{_fmt(float(sum(seconds.values())), 1)}</b>", f"<b>{total_cpu}</b>"]
+        )
+        parts += [
+            "<h2>Time per stage (seconds)</h2>",
+            "<p>CPU seconds / wall seconds is how many cores a stage got.</p>",
+            _table(["stage", "wall", "CPU"], rows),
+        ]
     examples = report.get("examples", [])
     if examples:
         parts.append("<h2>Examples</h2>")

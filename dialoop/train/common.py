@@ -1,22 +1,32 @@
 """Shared training infrastructure of the three stages (SFT, reward model, PPO).
 
 API for a stage (`sft.py` is the complete example):
-- `TrainConfig`: base config dataclass; subclass it, every field has a default and `metadata={"help": ...}`.
-  `dialoop.cli.train.config_command(ConfigCls)` turns such a dataclass into typer options (`--key value`).
+- `dialoop.train.config.TrainConfig`: base config dataclass (torch-free module, so the CLI loads fast);
+  subclass it, every field with a default and `metadata={"help": ...}`.
+  `dialoop.cli.train.config_command(train_app, name, ConfigCls, help)` turns it into typer options.
 - `make_accelerator(config, gradient_accumulation_steps=None) -> Accelerator`: one process by default,
-  DDP/FSDP/DeepSpeed under `accelerate launch`; bf16 autocast when `resolve_precision(config.precision)`
-  says so (fp32 master weights). `accumulation_steps(config, num_processes)`.
-- `seed_everything(seed)`; `prepare_run_dir(config, stage) -> Path` (refuses to overwrite without --resume).
-- `global_batch_indices(num_examples, batch_size, seed, step)`, `process_share(indices, accelerator)`:
-  the data order is a pure function of (seed, step), so resuming at a step resumes the data order exactly.
-- `NonFiniteGuard`, `optimizer_step(...)`: a non-finite loss or gradient skips the update (all processes
-  agree); 5 in a row raise `NonFiniteLossError`.
-- `dialoop.train.checkpoint.CheckpointManager(run_dir, accelerator)`: atomic `save(state)` / `load_latest()`
-  of model, optimizer, registered objects (scheduler), RNG states of every process and a `TrainState`.
-- `dialoop.train.metrics.MetricsLogger(run_dir, ...)`: metrics.jsonl + TensorBoard + rich progress bar.
-- `dialoop.train.loop.fit(...)`: the supervised loop (SFT, RM) built from the pieces above.
-- `load_causal_lm_for_training(path)`, `load_training_tokenizer(path)`, `save_model(accelerator, model,
-  tokenizer, out_dir)`: model I/O; `dialoop.train.data.load_chat_examples/load_ranking_examples`: datasets.
+  DDP/FSDP/DeepSpeed under `accelerate launch` (CPU-only machines: `--multi_gpu --num_processes N` joins over
+  gloo); bf16 autocast over fp32 master weights when `resolve_precision(config.precision)` says "bf16".
+  Accumulation steps default to `accumulation_steps(config, num_processes)`.
+- `seed_everything(seed)`; `prepare_run_dir(config, stage, accelerator) -> Path` (refuses a non-empty dir
+  without --resume, and a finished run with it).
+- `global_batch_indices(num_examples, batch_size, seed, step)`, `process_share(indices, accelerator)`,
+  `total_steps(config, n)`: the data order is a pure function of (seed, step), so resuming at a step
+  resumes the data order exactly.
+- `optimizer_step(accelerator, model, optimizer, scheduler, loss_finite=, max_grad_norm=, state=, guard=)`
+  with `NonFiniteGuard`: a non-finite loss or gradient on any process skips the update and is counted in
+  `TrainState`; 5 in a row raise `NonFiniteLossError`.
+- `dialoop.train.checkpoint.CheckpointManager(run_dir, accelerator, keep=)`: atomic `save(state)`,
+  `load_latest()`: model, optimizer, objects registered with `accelerator.register_for_checkpointing`
+  (the scheduler), RNG states of every process (python, numpy, torch), and the `TrainState` counters.
+- `dialoop.train.metrics.MetricsLogger(run_dir, total_steps=, start_step=, ...)`: `log(step, metrics,
+  kind=)` to metrics.jsonl + TensorBoard, rich progress bar with ETA; `read_metrics(run_dir, kind)`.
+- `dialoop.train.loop.make_optimizer(config, model, num_steps)` (AdamW + cosine with warm-up) and
+  `fit(...)`: the supervised loop of SFT and the RM built from the pieces above.
+- Models: `resolve_base_model(path_or_None)`, `load_training_tokenizer`, `load_causal_lm_for_training`,
+  `disable_dropout`, `freeze_lower_layers(model, n)`, `save_model(accelerator, model, tokenizer, out_dir)`
+  (a standard HF dir; call on every process). Data: `dialoop.train.data.load_chat_examples/
+  load_ranking_examples(data, format)` (file, or the store when `data` is None), `split_heldout`.
 """
 
 from __future__ import annotations

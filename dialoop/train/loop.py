@@ -8,7 +8,9 @@ processes or micro-batches, so 1 process and N processes follow the same curve.
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,7 +18,6 @@ from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
-from transformers import get_cosine_schedule_with_warmup
 
 from dialoop.train.checkpoint import CheckpointManager
 from dialoop.train.common import (
@@ -51,10 +52,19 @@ def make_optimizer(
         lr=config.lr,
     )
     warmup = round(config.warmup_ratio * num_steps)
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, num_warmup_steps=warmup, num_training_steps=num_steps
-    )
-    return optimizer, scheduler
+    schedule = functools.partial(cosine_with_warmup, warmup=warmup, total=num_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def cosine_with_warmup(step: int, *, warmup: int, total: int) -> float:
+    """LR factor of optimizer step `step` (0-based): linear warm-up to 1, then cosine decay towards 0.
+
+    Neither the first step (warm-up) nor the last (decay) has a zero rate: no step is wasted.
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def fit(

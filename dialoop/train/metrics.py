@@ -13,6 +13,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -83,6 +84,7 @@ class MetricsLogger:
                 TextColumn("ETA"),
                 TimeRemainingColumn(),
                 TextColumn("{task.fields[status]}"),
+                console=Console(stderr=True),  # stdout stays free for a command's own output
             )
             self._task = self._progress.add_task(
                 description, total=total_steps, completed=start_step, status=""

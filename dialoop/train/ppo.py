@@ -382,12 +382,15 @@ class PPOTrainer:
         # the whole local batch is one mini-batch and fits one pass: the first epoch's policy forward gives
         # the "old" log-probs, so making the experience needs no policy pass of its own
         self.fused_old = self.local_mini == self.local_batch and config.micro_batch_size >= self.local_batch
-        # padding costs compute; so does one more (smaller) forward pass: GPUs prefer fewer, larger batches
-        self.pass_overhead_tokens = 48 if accelerator.device.type == "cpu" else 1024
+        # the same for the value model, when both models' activations may be alive at once
+        self.fused_values = self.fused_old and config.fused_value_pass
+        # padding costs compute, and so does one more pass (its own run of the shared prefix, smaller matmuls,
+        # Python): about 64 tokens on a CPU; GPUs prefer fewer, larger batches
+        self.pass_overhead_tokens = 64 if accelerator.device.type == "cpu" else 1024
         self.ptx_rows = self._ptx_rows(demonstrations) if config.ptx_coef > 0 else []
         self._ptx_tokens = torch.zeros(())
 
-        self.dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+        self.dtype = compute_dtype(accelerator)
         if wants_fp32_attention(accelerator.device, self.dtype):
             for model in (models.policy, models.value, models.ref, models.reward):
                 if isinstance(model, torch.nn.Module):
@@ -552,7 +555,8 @@ class PPOTrainer:
             else:
                 exp.put_rows("ref_logprobs", rows, response_logprobs(self.ref, part, config.temperature))
             with acc.autocast():
-                exp.put_rows("old_values", rows, value_pass(part))
+                if not self.fused_values:
+                    exp.put_rows("old_values", rows, value_pass(part))
                 if not self.fused_old:
                     out = acc.unwrap_model(self.policy_pass)(part, config.temperature)
                     exp.put_rows("old_logprobs", rows, out["logprobs"])
@@ -589,7 +593,8 @@ class PPOTrainer:
             for mini, n_tokens in zip(minis, counts, strict=True):
                 fused = self.fused_old and epoch == 0
                 finite = self._policy_update(exp, mini, n_tokens, totals, fused, epoch)
-                finite = self._value_update(exp, mini, n_tokens, totals) and finite
+                if not (fused and self.fused_values):
+                    finite = self._value_update(exp, mini, n_tokens, totals) and finite
                 optimizer_step(
                     acc,
                     self.trained,
@@ -616,7 +621,8 @@ class PPOTrainer:
         self, exp: Experience, rows: list[int], n_tokens: Tensor, totals: dict, fused: bool, epoch: int
     ) -> bool:
         """Policy gradients of one mini-batch (PPO-ptx included). `fused`: forward every pass first and take
-        their log-probs as the old ones (then compute the advantages), then one backward over the sum."""
+        their log-probs (and, with `fused_values`, the value model's values) as the old ones, compute the
+        advantages, then one backward over the sum (per model)."""
         config, acc = self.config, self.accelerator
         ptx = self._ptx_batch() if self.ptx_rows else None
         buckets = self.buckets(exp, rows, len(rows) if fused else config.micro_batch_size)
@@ -626,8 +632,11 @@ class PPOTrainer:
                 self.policy_pass(exp.rows(b), config.temperature, ptx if k == len(buckets) - 1 else None)
                 for k, b in enumerate(buckets)
             ]
+            values = [self.value_pass(exp.rows(b)) for b in buckets] if self.fused_values else []
             for b, out in zip(buckets, outs, strict=True):
                 exp.put_rows("old_logprobs", b, out["logprobs"].detach())
+            for b, v in zip(buckets, values, strict=False):
+                exp.put_rows("old_values", b, v.detach())
             self._advantages(exp)
             loss = torch.stack(
                 [
@@ -636,7 +645,16 @@ class PPOTrainer:
                 ]
             ).sum()
             acc.backward(loss * acc.num_processes)  # DDP averages gradients over processes
-            return bool(torch.isfinite(loss.detach()))
+            if not values:
+                return bool(torch.isfinite(loss.detach()))
+            vf_loss = torch.stack(
+                [
+                    self._value_loss(exp.rows(b), v, n_tokens, totals)
+                    for b, v in zip(buckets, values, strict=True)
+                ]
+            ).sum()
+            acc.backward(config.value_coef * vf_loss * acc.num_processes)
+            return bool(torch.isfinite(loss.detach()) and torch.isfinite(vf_loss.detach()))
         for k, b in enumerate(buckets):
             last = k == len(buckets) - 1
             # gradients are exchanged once per update, with the last pass
@@ -656,19 +674,24 @@ class PPOTrainer:
         for k, b in enumerate(buckets):
             with acc.no_sync(self.value_pass) if k < len(buckets) - 1 else nullcontext():
                 part = exp.rows(b)
-                assert part.old_values is not None and part.returns is not None
-                vf_loss, vf_clip_frac = clipped_value_loss(
-                    self.value_pass(part),
-                    part.old_values,
-                    part.returns,
-                    part.response_mask,
-                    config.clip_range_value,
-                    num_tokens=n_tokens,
-                )
+                vf_loss = self._value_loss(part, self.value_pass(part), n_tokens, totals)
                 acc.backward(config.value_coef * vf_loss * acc.num_processes)
-            _accumulate(totals, {"value_loss": vf_loss, "value_clip_frac": vf_clip_frac})
             losses.append(vf_loss.detach())
         return bool(torch.isfinite(torch.stack(losses)).all())
+
+    def _value_loss(self, part: Experience, values: Tensor, n_tokens: Tensor, totals: dict) -> Tensor:
+        """Clipped value loss of one pass, normalised by the mini-batch's global token count."""
+        assert part.old_values is not None and part.returns is not None
+        loss, clip_frac = clipped_value_loss(
+            values,
+            part.old_values,
+            part.returns,
+            part.response_mask,
+            self.config.clip_range_value,
+            num_tokens=n_tokens,
+        )
+        _accumulate(totals, {"value_loss": loss, "value_clip_frac": clip_frac})
+        return loss
 
     def _policy_loss(
         self, part: Experience, out: dict[str, Tensor], n_tokens: Tensor, totals: dict, epoch: int
@@ -734,9 +757,9 @@ def train_ppo(
 ) -> Path:
     """Run PPO on `prompts` (default: `load_prompts(config)`) and write the final policy as an HF dir to the
     run dir (`config.out`); `reward_fn` replaces the reward model (tests, simulations)."""
-    accelerator = make_accelerator(config, gradient_accumulation_steps=1)
-    run_dir = prepare_run_dir(config, "ppo", accelerator)
-    seed_everything(config.seed)
+    if reward_fn is None and config.reward_model is None:
+        raise ValueError("PPO needs --reward-model (a directory written by `dialoop train rm`)")
+    # the data first: bad input fails before anything is written
     tokenizer = load_training_tokenizer(resolve_base_model(config.model))
     prompt_ids = encode_prompts(
         tokenizer,
@@ -745,6 +768,9 @@ def train_ppo(
     )
     if config.ptx_coef > 0 and demonstrations is None:
         demonstrations = load_demonstrations(config)
+    accelerator = make_accelerator(config, gradient_accumulation_steps=1)
+    run_dir = prepare_run_dir(config, "ppo", accelerator)
+    seed_everything(config.seed)
     models = load_ppo_models(config, tokenizer, accelerator, reward_fn)
     trainer = PPOTrainer(
         config, accelerator, models, tokenizer, prompt_ids, demonstrations=demonstrations or ()

@@ -51,6 +51,13 @@ class PPOConfig(TrainConfig):
             "batch and the batch is one mini-batch, the first policy pass also gives the old log-probs."
         },
     )
+    fused_value_pass: bool = field(
+        default=False,
+        metadata={
+            "help": "Like the policy's, take the old values from the value model's first training pass: one "
+            "pass fewer per step, but both models' activations are alive at once (~2x activation memory)."
+        },
+    )
     ppo_epochs: int = field(default=2, metadata={"help": "Passes over each batch of rollouts."})
     max_new_tokens: int = field(default=128, metadata={"help": "Longest reply sampled, in tokens."})
     max_length: int = field(

@@ -5,10 +5,12 @@
 
 The RM is an `AutoModelForSequenceClassification` with one label on the SFT model's backbone. A candidate is
 scored exactly as PPO will score a sample: the prompt through the chat template with the generation prompt,
-the reply, and EOS; the reward is read at that EOS (right padding, positions counting real tokens).
-Each of the K candidates of a ranking is scored by one forward pass, and one ranking is one batch element
-(`kway_ranking_loss`). After training, the bias (`config.dialoop_reward_bias`, see dialoop.modeling.heads)
-makes the mean reward of the reference replies 0; held-out pairwise accuracy goes to the run's metrics.
+the reply, and EOS; the reward is read at that EOS. One ranking is one batch element (`kway_ranking_loss`):
+its K candidates are scored in one forward pass, as one row that holds the prompt once and then the K
+replies, each reply attending to the prompt and to itself only, its positions continuing the prompt's; the
+scores equal those of each prompt + reply alone (right padding), at a fraction of the cost.
+After training, the bias (`config.dialoop_reward_bias`, see dialoop.modeling.heads) makes the mean reward of
+the reference replies 0; held-out pairwise accuracy (ties excluded) goes to the run's metrics.
 """
 
 from __future__ import annotations
@@ -150,7 +152,7 @@ def _rows(
     """Rows for groups of candidates, and where each candidate's score is read, as (row, column).
 
     With `share_prompt`, the candidates of a group that have the same prompt ids sit in one row behind one
-    copy of the prompt; each reply attends to the prompt and to itself only (see `_shared_mask`), so its
+    copy of the prompt; each reply attends to the prompt and to itself only (see `_collate_rows`), so its
     score equals the score of prompt + reply alone, at a fraction of the cost.
     """
     rows: list[_Row] = []
@@ -223,6 +225,8 @@ class RankingScorer(torch.nn.Module):
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         self.model = model
+        # FSDP's auto-wrap policy looks for the transformer block classes here
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
 
     @property
     def hf_model(self) -> PreTrainedModel:
@@ -236,6 +240,12 @@ class RankingScorer(torch.nn.Module):
         score_rows: torch.Tensor,
         score_cols: torch.Tensor,
     ) -> torch.Tensor:
+        if attention_mask.dim() == 4 and self.model.config._attn_implementation == "eager":
+            # eager attention adds its mask to the scores: a boolean mask must become 0 / -inf
+            blocked = torch.finfo(torch.float32).min
+            attention_mask = torch.zeros(attention_mask.shape, device=attention_mask.device).masked_fill(
+                ~attention_mask, blocked
+            )
         backbone = getattr(self.model, self.model.base_model_prefix)
         hidden = backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False

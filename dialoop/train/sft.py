@@ -2,7 +2,7 @@
 
     dialoop train sft --out runs/sft                                    # demonstrations from the store
     dialoop train sft --data demos.jsonl --format messages --out runs/sft
-    accelerate launch --num_processes 2 --cpu -m dialoop.train sft ...  # same loss curve, two processes
+    accelerate launch --multi_gpu --num_processes 2 -m dialoop.train sft ...  # 2 processes, same curve
 
 Each conversation goes through the model's chat template; the target tokens of an assistant turn are its
 content and its end-of-turn token (EOS), never the role header, the template's system prompt, or what the
@@ -27,6 +27,7 @@ from dialoop.formats.records import ChatExample, ChatMessage
 from dialoop.train.common import (
     SUMMARY_FILE,
     disable_dropout,
+    freeze_lower_layers,
     load_causal_lm_for_training,
     load_training_tokenizer,
     make_accelerator,
@@ -192,6 +193,7 @@ def train_sft(config: SFTConfig, examples: Sequence[ChatExample]) -> Path:
     logger.info("SFT on %d rows (%d target tokens)", len(rows), sum(r.num_targets for r in rows))
     model = load_causal_lm_for_training(base)
     disable_dropout(model)
+    freeze_lower_layers(model, config.trainable_layers)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()  # type: ignore[operator]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
