@@ -35,14 +35,14 @@ from dialoop.collect import PolicyHandle, create_comparison_tasks
 from dialoop.evaluate.card import EvalConfig, ModelSpec, evaluate_models, inference_dtype, targets
 from dialoop.evaluate.progress import stage_progress
 from dialoop.evaluate.report import write_report
-from dialoop.loop import IterationConfig, IterationResult, ensure_base_version, record_cards, run_iteration
+from dialoop.loop import IterationConfig, IterationResult, record_cards, run_iteration
 from dialoop.modeling import SamplingParams, default_model_dir, load_model_and_tokenizer
 from dialoop.sim.prompts import Prompt, generate_prompts
 from dialoop.sim.trainers import SimTrainerConfig, SimulatedTrainer, create_trainers, rank_all
 from dialoop.store.db import session_scope
 from dialoop.store.migrate import open_store
 from dialoop.store.models import ModelVersion
-from dialoop.store.registry import served_model
+from dialoop.store.registry import ensure_base_version, served_model
 from dialoop.train.config import RewardConfig, SFTConfig
 from dialoop.train.ppo_config import PPOConfig
 

@@ -42,9 +42,9 @@ from dialoop.settings import settings
 from dialoop.store.db import session_scope
 from dialoop.store.models import Conversation, ModelVersion, Ranking, TrainingRun
 from dialoop.store.registry import (
+    ensure_base_version,
     fail_run,
     finish_run,
-    model_version_by_name,
     register_model_version,
     set_served,
     start_run,
@@ -228,22 +228,6 @@ def _exclusive(work_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             raise RuntimeError(f"another iteration is running in {work_dir}") from None
         yield
-
-
-def ensure_base_version(session: Session, path: str | Path) -> ModelVersion:
-    """The policy version of the base model at `path`, registered (as `base`, `base-2`, ...) if new."""
-    found = session.scalars(
-        select(ModelVersion)
-        .where(ModelVersion.path == str(path), ModelVersion.kind == "policy", ModelVersion.run_id.is_(None))
-        .order_by(ModelVersion.id)
-    ).first()
-    if found is not None:
-        return found
-    name, k = "base", 1
-    while model_version_by_name(session, name) is not None:
-        k += 1
-        name = f"base-{k}"
-    return register_model_version(session, name=name, kind="policy", path=path)
 
 
 def _latest_done(

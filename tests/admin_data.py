@@ -24,11 +24,11 @@ from dialoop.collect import (
     submit_demonstration,
     submit_ranking,
 )
-from dialoop.loop import ensure_base_version
 from dialoop.modeling import SamplingParams, load_model_and_tokenizer
 from dialoop.store.accounts import create_user, get_user
 from dialoop.store.db import session_scope
 from dialoop.store.models import User
+from dialoop.store.registry import ensure_base_version
 
 PROMPTS = [
     "Name three colours of the rainbow.",

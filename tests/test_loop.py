@@ -21,13 +21,13 @@ from dialoop.cli import app
 from dialoop.collect import PolicyHandle, create_comparison_tasks
 from dialoop.demo import demo_config
 from dialoop.formats import chat_examples_from_store, ranking_examples_from_store, snapshot_hash
-from dialoop.loop import IterationConfig, NothingToTrain, ensure_base_version, run_iteration
+from dialoop.loop import IterationConfig, NothingToTrain, run_iteration
 from dialoop.modeling import SamplingParams, load_model_and_tokenizer
 from dialoop.sim.prompts import generate_prompts
 from dialoop.sim.trainers import SimTrainerConfig, create_trainers, rank_all
 from dialoop.store.db import make_engine, session_scope
 from dialoop.store.models import Conversation, ModelVersion, Ranking, TrainingRun
-from dialoop.store.registry import served_model
+from dialoop.store.registry import ensure_base_version, served_model
 
 FAST = SimTrainerConfig(
     suggestions=2,

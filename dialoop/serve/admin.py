@@ -53,7 +53,7 @@ from dialoop.collect.tasks import skip_task
 from dialoop.serve.auth import csrf_protect, require_role
 from dialoop.serve.deps import RegistryDep, SessionDep, WorkerDep
 from dialoop.serve.jobs import IterationSettings, JobManager, JobRunning, job_manager
-from dialoop.serve.models import ModelRegistry, UnknownModel
+from dialoop.serve.models import ModelRegistry, UnknownModel, version_id_of
 from dialoop.serve.pages import add_nav_link, render
 from dialoop.serve.worker import ContextTooLong, GenerationWorker, QueueFull
 from dialoop.store.accounts import create_user, delete_user, list_users, set_password, set_role
@@ -452,12 +452,7 @@ def _eval_prompts(count: int, seed: int) -> list[str]:
 
 def _version_for(session: Session, registry: ModelRegistry, name: str) -> ModelVersion:
     """The store version called `name`; the server's own base model is registered on first use."""
-    from dialoop.loop import ensure_base_version
-
-    entry = registry.resolve(name)
-    if entry.version_id is not None:
-        return session.get_one(ModelVersion, entry.version_id)
-    return ensure_base_version(session, entry.path)
+    return session.get_one(ModelVersion, version_id_of(session, registry.resolve(name)))
 
 
 async def _sample_pairs(

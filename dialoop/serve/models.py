@@ -18,11 +18,18 @@ from typing import Any
 
 import torch
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from dialoop.modeling.chat import eos_token_ids, pad_token_id
 from dialoop.modeling.loading import load_model_and_tokenizer, resolve_model
 from dialoop.store.db import session_scope
-from dialoop.store.registry import list_model_versions, model_version_by_name, served_model, set_served
+from dialoop.store.registry import (
+    ensure_base_version,
+    list_model_versions,
+    model_version_by_name,
+    served_model,
+    set_served,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +149,8 @@ class ModelRegistry:
             versions = [
                 ModelEntry(v.name, v.path, v.id, v.created_at) for v in list_model_versions(session, "policy")
             ]
-        return [self.base, *[v for v in versions if v.name != self.base.name]]
+        # the base model's own version (registered when it first writes) is listed once, as the base
+        return [self.base, *[v for v in versions if self.base.name != v.name and self.base.path != v.path]]
 
     def resolve(self, name: str | None) -> ModelEntry:
         """The entry called `name`; None or `default` is the served one. UnknownModel otherwise."""
@@ -221,3 +229,11 @@ class ModelRegistry:
         if previous != entry.name:
             log.info("served model: %s -> %s", previous, entry.name)
         return entry
+
+
+def version_id_of(session: Session, entry: ModelEntry) -> int:
+    """The store id of a served model; a base model that is no version yet is registered first, so that
+    what it writes (chat replies, suggestions, alternatives) is credited to a version."""
+    if entry.version_id is not None:
+        return entry.version_id
+    return ensure_base_version(session, entry.path).id

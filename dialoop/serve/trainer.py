@@ -78,7 +78,7 @@ from dialoop.collect.tasks import CHAT_SOURCE, DEFAULT_K, DEFAULT_OVERLAP, eligi
 from dialoop.formats.records import ChatMessage
 from dialoop.serve.auth import csrf_protect, require_role
 from dialoop.serve.deps import EngineDep, RegistryDep, ServeSettings, ServeSettingsDep, SessionDep, WorkerDep
-from dialoop.serve.models import LoadedModel, ModelEntry, ModelRegistry, UnknownModel
+from dialoop.serve.models import LoadedModel, ModelRegistry, UnknownModel, version_id_of
 from dialoop.serve.pages import WEB_DIR, add_nav_link, render
 from dialoop.serve.worker import ChoiceEnd, ContextTooLong, Generation, GenerationWorker, QueueFull, TextDelta
 from dialoop.store.db import session_scope
@@ -182,17 +182,6 @@ def _check_text(text: str, what: str, limits: ServeSettings) -> None:
         raise HTTPException(
             413, f"the {what} has {len(text)} characters; the limit is {limits.max_message_chars}"
         )
-
-
-def version_id_of(session: Session, entry: ModelEntry) -> int:
-    """The store id of a served model; a base model that is no version yet is registered first, so that
-    what it writes is credited to a version (as an iteration does with its base model)."""
-    if entry.version_id is not None:
-        return entry.version_id
-    # imported here: the iteration module pulls in the training code, which the server needs only now
-    from dialoop.loop import ensure_base_version
-
-    return ensure_base_version(session, entry.path).id
 
 
 # demonstrations

@@ -144,3 +144,19 @@ def fail_run(session: Session, run: TrainingRun, error: str) -> None:
     _check_running(run)
     run.status, run.error, run.finished_at = "failed", error, utcnow()
     session.flush()
+
+
+def ensure_base_version(session: Session, path: str | Path) -> ModelVersion:
+    """The policy version of the base model at `path`, registered (as `base`, `base-2`, ...) if new."""
+    found = session.scalars(
+        select(ModelVersion)
+        .where(ModelVersion.path == str(path), ModelVersion.kind == "policy", ModelVersion.run_id.is_(None))
+        .order_by(ModelVersion.id)
+    ).first()
+    if found is not None:
+        return found
+    name, k = "base", 1
+    while model_version_by_name(session, name) is not None:
+        k += 1
+        name = f"base-{k}"
+    return register_model_version(session, name=name, kind="policy", path=path)
