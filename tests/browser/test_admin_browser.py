@@ -122,7 +122,11 @@ def test_an_iteration_started_from_the_admin_page_becomes_selectable_in_the_chat
     assert page.locator("#served-name").inner_text() == "policy-1"
     plots = card.locator(".plots img")
     assert plots.count() >= 2
-    assert all(plots.nth(i).evaluate("img => img.naturalWidth > 0") for i in range(plots.count()))
+    for i in range(plots.count()):  # the plots load lazily: bring each into view and let it load
+        img = plots.nth(i)
+        img.scroll_into_view_if_needed()
+        img.evaluate("img => img.complete || new Promise(done => { img.onload = img.onerror = done; })")
+        assert img.evaluate("img => img.naturalWidth > 0"), img.get_attribute("src")
     page.screenshot(path=screenshot_dir / "admin-versions.png", full_page=True)
     assert tab.errors == []
     tab.page.context.close()
