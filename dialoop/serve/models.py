@@ -149,8 +149,7 @@ class ModelRegistry:
             versions = [
                 ModelEntry(v.name, v.path, v.id, v.created_at) for v in list_model_versions(session, "policy")
             ]
-        # the base model's own version (registered when it first writes) is listed once, as the base
-        return [self.base, *[v for v in versions if self.base.name != v.name and self.base.path != v.path]]
+        return [self.base, *[v for v in versions if v.name != self.base.name]]
 
     def resolve(self, name: str | None) -> ModelEntry:
         """The entry called `name`; None or `default` is the served one. UnknownModel otherwise."""
