@@ -133,7 +133,9 @@ def test_report_card_of_models_with_a_reward_model(two_models: tuple[Path, Path]
     for name in written["plots"].values():
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f'src="{name}"' in html_path.read_text()
-    assert len((out / "samples.jsonl").read_text().splitlines()) == 10
+    lines = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(lines) == 5 * 2 + 5 * 3  # every reply on the card, and the RM's extra samples
+    assert {(x["model"], x["sample"]) for x in lines if "gold" in x} == {("sft", 0), ("policy", 0)}
 
 
 def test_targets_read_the_card() -> None:

@@ -70,6 +70,11 @@ A = {"role": "assistant", "content": "a"}
             json.dumps({"prompt": [U], "completions": [[A], [A]], "ranking": [0, 1], "ties": [[1, 1]]}),
             "two different",
         ),
+        (
+            "rankings",
+            json.dumps({"prompt": [U], "completions": [[A], [A]], "ranking": [0, 1], "truncated": [2]}),
+            "truncated entry must be a completion index",
+        ),
         ("hh-rlhf", json.dumps({"chosen": "Human: hi", "rejected": "x"}), "must start with"),
         (
             "hh-rlhf",
@@ -201,10 +206,10 @@ def test_oasst_ranks_from_rankings_share_ranks_on_ties_and_average() -> None:
 
 def test_read_ranking_examples_from_every_format_that_has_them() -> None:
     rankings = read_ranking_examples(DATA / "rankings.jsonl", "rankings")
-    assert [(r.ranking, r.ties, r.all_bad) for r in rankings] == [
-        ([2, 0, 1, 3], [(2, 0)], False),
-        ([1, 0, 2], [], False),
-        ([], [], True),
+    assert [(r.ranking, r.ties, r.all_bad, r.truncated) for r in rankings] == [
+        ([2, 0, 1, 3], [(2, 0)], False, []),
+        ([1, 0, 2], [], False, [2]),
+        ([], [], True, []),
     ]
     pairs = read_ranking_examples(DATA / "pairs.jsonl", "pairs")
     assert len(pairs) == 8 and pairs[0].completions == ["0", "1, I think"] and pairs[0].ranking == [0, 1]

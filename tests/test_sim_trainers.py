@@ -18,6 +18,7 @@ from dialoop.collect import (
     pairwise_agreement,
     task_view,
 )
+from dialoop.formats import ranking_examples_from_store
 from dialoop.modeling.generation import SamplingParams
 from dialoop.modeling.loading import load_model_and_tokenizer
 from dialoop.sim.gold import gold_score
@@ -89,6 +90,15 @@ def test_simulated_trainers_collect_demonstrations_chats_and_rankings(
         report = pairwise_agreement(s)
         assert report.tasks <= 12 and set(report.trainers) == {t.user.id for t in trainers}
         assert sum(t.rankings for t in report.trainers.values()) == 24
+
+        # the RM's data says which candidates were cut off at the token limit, as the ranking page shows
+        examples = ranking_examples_from_store(s)
+        assert len(examples) == 24
+        tasks_in_order = [
+            t for t in s.scalars(select(ComparisonTask).order_by(ComparisonTask.id)) for _ in t.rankings
+        ]
+        cut = [[k for k, c in enumerate(t.candidates) if c.message.finished is False] for t in tasks_in_order]
+        assert [e.truncated for e in examples] == cut and any(cut)
 
 
 def test_noise_free_trainer_ranks_in_gold_order_and_flags_harm(

@@ -88,6 +88,17 @@ def test_encoded_reply_ends_with_eos_and_keeps_the_recent_prompt(tiny_model_dir:
     assert tokenizer.decode(ids).endswith("<|im_start|>assistant\na short reply<|im_end|>")
 
 
+def test_a_reply_cut_off_at_the_token_limit_is_scored_without_eos(tiny_model_dir: Path) -> None:
+    """As PPO scores a sample that never said EOS: the reward is read at its last token."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = [{"role": "user", "content": "Describe the ocean."}]
+    example = RankingExample(prompt, ["It is vast.", "It is vast and"], [0, 1], truncated=[1])
+    (p0, finished), (p1, cut) = encode_ranking(tokenizer, example, 64).candidates
+    assert p0 == p1 and finished[-1] == tokenizer.eos_token_id and cut[-1] != tokenizer.eos_token_id
+    assert cut == tokenizer("It is vast and", add_special_tokens=False)["input_ids"]
+    assert p1 + cut == encode_reply(tokenizer, prompt, "It is vast and", 64, finished=False)
+
+
 def test_candidates_behind_a_shared_prompt_score_as_if_alone(tiny_model_dir: Path) -> None:
     from dialoop.modeling.heads import reward_model_from_lm
 

@@ -202,14 +202,15 @@ def reward_scores(
     reward_model: Any,
     tokenizer: Any,
     prompts: Sequence[Prompt],
-    groups: Sequence[Sequence[str]],
+    groups: Sequence[Sequence[Reply]],
     config: EvalConfig,
 ) -> list[list[float]]:
-    """The RM's score of each reply of each group, encoded exactly as the RM was trained (reply + EOS)."""
+    """The RM's score of each reply of each group, encoded exactly as the RM was trained (reply, and EOS
+    when the reply finished)."""
     flat = [
-        encode_reply(tokenizer, _chat(p), text, config.rm_max_length)
+        encode_reply(tokenizer, _chat(p), r.text, config.rm_max_length, finished=r.finished)
         for p, group in zip(prompts, groups, strict=True)
-        for text in group
+        for r in group
     ]
     pad = pad_token_id(tokenizer)
     device = next(reward_model.parameters()).device
@@ -246,9 +247,7 @@ def reward_model_accuracy(
     started = time.perf_counter()
     model = load_reward_model(path, dtype=inference_dtype(config.precision))
     tokenizer = load_tokenizer(path)
-    predicted = reward_scores(
-        model, tokenizer, [*prompts, *prompts[: len(across)]], [[r.text for r in g] for g in groups], config
-    )
+    predicted = reward_scores(model, tokenizer, [*prompts, *prompts[: len(across)]], groups, config)
     del model
     accuracy, pairs = pair_accuracy(predicted[: len(tasks)], gold[: len(tasks)])
     across_accuracy, across_pairs = pair_accuracy(predicted[len(tasks) :], gold[len(tasks) :])

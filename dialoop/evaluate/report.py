@@ -49,7 +49,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def write_report(report: dict[str, Any], out_dir: Path, samples: Sequence[ModelSamples] = ()) -> Path:
     """Write `report.json`, the plots and `report.html` into `out_dir`; returns the HTML's path.
 
-    With `samples`, every reply goes to `samples.jsonl` too (prompt, model, reply, gold score)."""
+    With `samples`, every reply goes to `samples.jsonl` too (model, prompt row, sample, reply, finished)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots: dict[str, str] = {}
@@ -63,12 +63,15 @@ def write_report(report: dict[str, Any], out_dir: Path, samples: Sequence[ModelS
             {s.spec.name: [len(r.token_ids) for r in s.replies] for s in samples}, out_dir / PLOTS["length"]
         )
         plots["length"] = PLOTS["length"]
+        # sample 0 is the model's reply on the card; 1.. are the extra replies the RM's comparisons used
         lines = [
             json.dumps(
-                {"model": s.spec.name, "row": i, "reply": r.text, "finished": r.finished, "gold": s.gold[i]}
+                {"model": s.spec.name, "row": i, "sample": k, "reply": r.text, "finished": r.finished}
+                | ({"gold": s.gold[i]} if k == 0 else {})
             )
             for s in samples
-            for i, r in enumerate(s.replies)
+            for k, replies in enumerate([s.replies, *s.extra])
+            for i, r in enumerate(replies)
         ]
         _write_atomic(out_dir / "samples.jsonl", "\n".join(lines) + "\n")
     report["plots"] = plots

@@ -1,7 +1,9 @@
 """`rankings`: K-way comparisons,
 `{"prompt": [...], "completions": [[...], ...], "ranking": [best..worst], "ties": [[i, j], ...]}`.
 
-An optional `"all_bad": true` marks a ranking whose every completion is bad (written only when true)."""
+An optional `"all_bad": true` marks a ranking whose every completion is bad (written only when true); an
+optional `"truncated": [i, ...]` names the completions cut off at a token limit, before their end-of-turn
+token (written only when there are some)."""
 
 from __future__ import annotations
 
@@ -46,7 +48,20 @@ def parse(value: Any) -> RankingExample:
         if i == j:
             raise ValueError(f"a tie needs two different completions, not {tie!r}")
         ties.append((i, j))
-    return RankingExample(prompt=prompt, completions=completions, ranking=ranking, ties=ties, all_bad=all_bad)
+    raw_truncated = obj.get("truncated", [])
+    if not isinstance(raw_truncated, list):
+        raise ValueError("truncated must be a list of completion indices")
+    truncated = [_index(i, k, "truncated entry") for i in raw_truncated]
+    if len(set(truncated)) != len(truncated):
+        raise ValueError("truncated names a completion twice")
+    return RankingExample(
+        prompt=prompt,
+        completions=completions,
+        ranking=ranking,
+        ties=ties,
+        all_bad=all_bad,
+        truncated=truncated,
+    )
 
 
 def dump(example: RankingExample) -> list[dict[str, Any]]:
@@ -58,4 +73,6 @@ def dump(example: RankingExample) -> list[dict[str, Any]]:
     }
     if example.all_bad:
         line["all_bad"] = True
+    if example.truncated:
+        line["truncated"] = list(example.truncated)
     return [line]

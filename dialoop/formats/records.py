@@ -23,3 +23,4 @@ class RankingExample:
     ranking: list[int]  # indices into `completions`, best first
     ties: list[tuple[int, int]] = field(default_factory=list)  # pairs judged equally good
     all_bad: bool = False  # every reply is bad: no ordering signal
+    truncated: list[int] = field(default_factory=list)  # completions cut off before their end-of-turn token

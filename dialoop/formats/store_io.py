@@ -133,6 +133,7 @@ class _Plan:
     conversation: dict[str, Any]
     messages: list[tuple[int | None, str, str, dict[str, Any]]]  # (parent, role, content, extra)
     tasks: list[_PlannedTask]
+    unfinished: frozenset[int] = frozenset()  # messages (by index) cut off before their end-of-turn token
 
 
 def _plan(record: Record, content_hash: str, source: str, kind: str) -> _Plan:
@@ -160,7 +161,8 @@ def _plan(record: Record, content_hash: str, source: str, kind: str) -> _Plan:
         messages += [(n - 1, "assistant", c, {}) for c in record.completions]
         # imported candidates are alternatives to compare, not turns of a conversation
         task = _PlannedTask(n - 1, list(range(n, len(messages))), record, False, content_hash)
-        return _Plan(conversation(record.prompt, "imported"), messages, [task])
+        unfinished = frozenset(n + k for k in record.truncated)
+        return _Plan(conversation(record.prompt, "imported"), messages, [task], unfinished)
     tree = record
     messages = []
     index_of: dict[int, int] = {}  # id(node) -> index of its message
@@ -233,6 +235,7 @@ def _write_plans(session: Session, plans: list[_Plan], result: ImportResult) -> 
                     "role": role,
                     "content": content,
                     "extra": extra,
+                    "finished": False if i in plans[p].unfinished else None,
                 }
             )
         for (p, i), new_id in zip(where, insert_ids(Message, rows), strict=True):
@@ -520,6 +523,7 @@ def ranking_records(
                 ranking=parts.ranking,
                 ties=parts.ties,
                 all_bad=parts.all_bad,
+                truncated=[k for k, c in enumerate(task.candidates) if c.message.finished is False],
             )
 
 

@@ -5,9 +5,10 @@ API for a stage (`sft.py` is the complete example):
   subclass it, every field with a default and `metadata={"help": ...}`.
   `dialoop.cli.train.config_command(train_app, name, ConfigCls, help)` turns it into typer options.
 - `make_accelerator(config, gradient_accumulation_steps=None) -> Accelerator`: one process by default,
-  DDP/FSDP/DeepSpeed under `accelerate launch` (CPU-only machines: `--multi_gpu --num_processes N` joins over
-  gloo); bf16 autocast over fp32 master weights when `resolve_precision(config.precision)` says "bf16".
-  Accumulation steps default to `accumulation_steps(config, num_processes)`.
+  DDP or FSDP2 under `accelerate launch` (CPU-only machines: `--multi_gpu --num_processes N` joins over
+  gloo; `--use_fsdp --fsdp_version 2` shards over gloo too); bf16 autocast over fp32 master weights when
+  `resolve_precision(config.precision)` says "bf16". Accumulation steps default to
+  `accumulation_steps(config, num_processes)`. See docs/architecture.md, "Distributed training".
 - `seed_everything(seed)`; `prepare_run_dir(config, stage, accelerator) -> Path` (refuses a non-empty dir
   without --resume, and a finished run with it).
 - `global_batch_indices(num_examples, batch_size, seed, step)`, `process_share(indices, accelerator)`,
@@ -116,17 +117,51 @@ def make_accelerator(config: TrainConfig, *, gradient_accumulation_steps: int | 
     partial = PartialState(cpu=cpu)
     steps = gradient_accumulation_steps or accumulation_steps(config, partial.num_processes)
     precision = resolve_precision(config.precision, partial.device)
+    fsdp = parse_flag_from_env("ACCELERATE_USE_FSDP")
+    fsdp_on_cpu = fsdp and cpu and partial.num_processes > 1
+    if fsdp:
+        # transformers would load the weights on the first process only (the others get meta tensors for
+        # FSDP to fill in); PPO's frozen models and the RM's new head need them on every process
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+    if fsdp_on_cpu and os.environ.get("FSDP_VERSION", "1") != "2":
+        # FSDP1 trains over gloo, but gathering its full state dict (offload_to_cpu) segfaults in torch 2.13
+        raise ValueError("FSDP on CPUs needs FSDP2: pass --fsdp_version 2 to accelerate launch")
     accelerator = Accelerator(
         cpu=cpu, mixed_precision="bf16" if precision == "bf16" else "no", gradient_accumulation_steps=steps
     )
+    if fsdp_on_cpu:
+        _fsdp_on_cpu(accelerator)
     logger.info(
-        "accelerator: %d process(es) on %s, precision %s, %d micro-batch(es) per step",
+        "accelerator: %d process(es) (%s) on %s, precision %s, %d micro-batch(es) per step",
         accelerator.num_processes,
+        accelerator.distributed_type.value,
         accelerator.device,
         precision,
         steps,
     )
     return accelerator
+
+
+def _fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Shard with FSDP over gloo, as `accelerate launch --use_fsdp` asks, where accelerate would run DDP.
+
+    accelerate (1.15) turns FSDP on for GPU-like devices only: on CPUs it quietly falls back to DDP
+    (MULTI_CPU). PyTorch's FSDP works over gloo, so the state is switched to FSDP with the plugin built from
+    the launcher's settings, as accelerate does on a GPU; `prepare`, `clip_grad_norm_`, `get_state_dict` and
+    `save_state` / `load_state` then take their FSDP paths.
+    """
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if getattr(state, "fsdp_plugin", None) is not None:
+        return
+    plugin = FullyShardedDataParallelPlugin()
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    # accelerate keeps the two singletons in step (a later AcceleratorState copies PartialState's type)
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def seed_everything(seed: int) -> None:
@@ -346,6 +381,24 @@ def freeze_lower_layers(model: torch.nn.Module, trainable_layers: int) -> None:
     logger.info("training the top %d of %d blocks", trainable_layers, len(blocks))
 
 
+def _share_tied_tensors(model: torch.nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Make the gathered copies of one tied parameter (embeddings and LM head) one tensor again.
+
+    A gathered full state dict holds a separate copy under each name; `save_pretrained` then writes both,
+    unlike a plain save. One shared tensor lets transformers drop the alias as it always does.
+    """
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    out = dict(state_dict)
+    for group in names.values():
+        kept = next((n for n in group if n in out), None)
+        for name in group:
+            if kept is not None and name in out:
+                out[name] = out[kept]
+    return out
+
+
 def save_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> None:
     """Write a standard HF dir (fp32 weights, tokenizer, chat template) into `out_dir`; call on every process.
 
@@ -365,6 +418,8 @@ def save_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer: Any,
             unwrapped = unwrapped.hf_model
             if state_dict is not None:
                 state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+        if state_dict is not None:
+            state_dict = _share_tied_tensors(unwrapped, state_dict)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".final-"))

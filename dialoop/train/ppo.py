@@ -3,6 +3,7 @@
     dialoop train ppo --model runs/sft --reward-model runs/rm --out runs/ppo      # prompts from the store
     dialoop train ppo --reward-model runs/rm --prompts prompts.txt --out runs/ppo
     accelerate launch --num_processes 2 --cpu -m dialoop.train ppo ...           # DDP, the same curve
+    accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 -m dialoop.train ppo ...  # FSDP2
 
 Each step: sample one reply per prompt from the policy (seeded per row), score prompt + reply with the frozen
 reward model (a fixed score for replies without EOS) and the frozen reference (= the SFT model), turn that
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import Tensor
 
 from dialoop.formats.records import ChatExample, ChatMessage
@@ -299,8 +301,50 @@ class ValuePass(torch.nn.Module):
         return response_values(self.value, exp)
 
 
+class TrainedPair(torch.nn.Module):
+    """Both training passes in one module, for FSDP: accelerate shards one model per optimizer, and every
+    call must go through the root module, whose hooks gather and free the shards."""
+
+    def __init__(self, policy_pass: PolicyPass, value_pass: ValuePass) -> None:
+        super().__init__()
+        self.policy_pass = policy_pass
+        self.value_pass = value_pass
+        # FSDP's transformer auto-wrap policy looks for the block classes here
+        self._no_split_modules = getattr(policy_pass.policy, "_no_split_modules", None)
+
+    def forward(self, role: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self, role)(*args, **kwargs)
+
+
+class _Role:
+    """`pair.forward(role, ...)` as a callable: the policy or value pass of a sharded `TrainedPair`."""
+
+    def __init__(self, pair: torch.nn.Module, role: str) -> None:
+        self.pair, self.role = pair, role
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.pair(self.role, *args, **kwargs)
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor of an FSDP shard (a collective: every process must ask), else the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _shard_like(like: Tensor, full: Tensor) -> Tensor:
+    """`full` cut into this process's shard of `like` when `like` is an FSDP shard (no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
 class PolicyEMA:
-    """Exponential moving average of the policy's trainable weights (kept in fp32)."""
+    """Exponential moving average of the policy's trainable weights (kept in fp32; under FSDP, sharded like
+    them, and saved whole)."""
 
     def __init__(self, policy: torch.nn.Module, decay: float) -> None:
         self.decay = decay
@@ -319,11 +363,11 @@ class PolicyEMA:
                 param.copy_(self.params[name])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "params": self.params}
+        return {"decay": self.decay, "params": {n: _full(p) for n, p in self.params.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.decay = state["decay"]
-        self.params = state["params"]
+        self.params = {n: _shard_like(self.params[n], p) for n, p in state["params"].items()}
 
 
 def use_fused_adamw(optimizer: torch.optim.Optimizer) -> None:
@@ -396,28 +440,45 @@ class PPOTrainer:
                 if isinstance(model, torch.nn.Module):
                     use_fp32_attention(model)
         updates = self.num_steps * config.ppo_epochs * (config.batch_size // config.mini_batch_size)
-        trained = torch.nn.ModuleList([PolicyPass(models.policy), ValuePass(models.value)])
+        # FSDP: every forward and backward gathers and frees shards together with the other processes, so
+        # each process makes the same passes (`buckets`) and samples from a whole copy of the policy
+        self.sharded = accelerator.distributed_type == DistributedType.FSDP
+        if self.sharded and config.lora_r > 0:
+            raise ValueError("LoRA (--lora-r) does not run under FSDP: use DDP, or full fine-tuning")
+        self.sampler = self._make_sampler(models.policy)  # before sharding: a whole copy
+        policy_pass, value_pass = PolicyPass(models.policy), ValuePass(models.value)
+        trained = torch.nn.ModuleList([policy_pass, value_pass])
         optimizer, self.scheduler = make_optimizer(config, trained, updates)
         use_fused_adamw(optimizer)
-        self.policy_pass, self.value_pass, self.optimizer = accelerator.prepare(
-            trained[0], trained[1], optimizer
-        )
-        self.trained = torch.nn.ModuleList([self.policy_pass, self.value_pass])  # for clipping, train()
+        self.policy_pass: Any
+        self.value_pass: Any
+        if self.sharded:
+            pair, self.optimizer = accelerator.prepare(TrainedPair(policy_pass, value_pass), optimizer)
+            self.policy_pass, self.value_pass = _Role(pair, "policy_pass"), _Role(pair, "value_pass")
+            self.trained = pair  # for clipping, train()
+        else:
+            self.policy_pass, self.value_pass, self.optimizer = accelerator.prepare(
+                policy_pass, value_pass, optimizer
+            )
+            self.trained = torch.nn.ModuleList([self.policy_pass, self.value_pass])
         accelerator.register_for_checkpointing(self.scheduler)
         self.ema = PolicyEMA(self.policy, config.ema_decay) if config.ema_decay > 0 else None
         if self.ema is not None:
             accelerator.register_for_checkpointing(self.ema)
-        self.sampler = self._make_sampler()
         self.state = TrainState()
         self.updates = TrainState()  # optimizer updates: the NaN guard counts these
         self.guard = NonFiniteGuard()
 
     @property
     def policy(self) -> torch.nn.Module:
+        if self.sharded:
+            return self.trained.policy_pass.policy  # type: ignore[return-value]
         return self.accelerator.unwrap_model(self.policy_pass).policy
 
     @property
     def value(self) -> torch.nn.Module:
+        if self.sharded:
+            return self.trained.value_pass.value  # type: ignore[return-value]
         return self.accelerator.unwrap_model(self.value_pass).value
 
     def _ptx_rows(self, demonstrations: Sequence[ChatExample]) -> list[Any]:
@@ -434,26 +495,36 @@ class PPOTrainer:
             )
         return rows
 
-    def _make_sampler(self) -> torch.nn.Module | None:
-        """A frozen bf16 copy of a fully trained policy to sample from (None: sample from the policy itself).
+    def _make_sampler(self, policy: torch.nn.Module) -> torch.nn.Module | None:
+        """A frozen copy of a fully trained policy, in the compute dtype, to sample from (None: sample from
+        the policy itself). Call before the policy is prepared.
 
         Sampling from the fp32 master weights under autocast would re-cast every weight at every token; the
-        copy is refreshed after each step instead.
+        copy is refreshed after each step instead. Under FSDP the copy is always made (in fp32 too): each
+        process samples replies of its own lengths, which sharded weights, gathered at every call together
+        with the other processes, cannot serve.
         """
-        if self.config.lora_r > 0 or self.dtype == torch.float32:
+        if self.config.lora_r > 0 or (self.dtype == torch.float32 and not self.sharded):
             return None
-        sampler = copy.deepcopy(self.policy)
+        sampler = copy.deepcopy(policy)
         return freeze(sampler.to(self.dtype))
 
     @torch.no_grad()
     def _sync_sampler(self) -> None:
         if self.sampler is not None:
             for dst, src in zip(self.sampler.parameters(), self.policy.parameters(), strict=True):
-                dst.copy_(src)
+                dst.copy_(_full(src))
 
     def buckets(self, exp: Experience, rows: Sequence[int], max_rows: int) -> list[list[int]]:
-        """`rows` of `exp` grouped into forward passes of at most `max_rows` rows of similar length."""
+        """`rows` of `exp` grouped into forward passes of at most `max_rows` rows of similar length.
+
+        Under FSDP the number of passes must not depend on this process's lengths: full passes of rows sorted
+        by length (every process has as many rows).
+        """
         lengths = exp.lengths
+        if self.sharded:
+            order = sorted(rows, key=lambda r: -lengths[r])
+            return [order[i : i + max_rows] for i in range(0, len(order), max_rows)]
         groups = length_buckets([lengths[r] for r in rows], max_rows, self.pass_overhead_tokens)
         return [[rows[i] for i in group] for group in groups]
 
@@ -537,7 +608,9 @@ class PPOTrainer:
         raw = torch.zeros(len(exp), device=acc.device)
         if not isinstance(self.reward, torch.nn.Module) and self.reward is not None:
             raw = function_scores(self.reward, exp)
-        value_pass = acc.unwrap_model(self.value_pass)
+        # without gradients DDP's wrapper is not needed; FSDP's root gathers the shards
+        value_pass = self.value_pass if self.sharded else acc.unwrap_model(self.value_pass)
+        policy_pass = self.policy_pass if self.sharded else acc.unwrap_model(self.policy_pass)
         for rows in self.buckets(exp, range(len(exp)), config.micro_batch_size):
             part = exp.rows(rows)
             idx = torch.tensor(rows, device=acc.device)
@@ -558,7 +631,7 @@ class PPOTrainer:
                 if not self.fused_values:
                     exp.put_rows("old_values", rows, value_pass(part))
                 if not self.fused_old:
-                    out = acc.unwrap_model(self.policy_pass)(part, config.temperature)
+                    out = policy_pass(part, config.temperature)
                     exp.put_rows("old_logprobs", rows, out["logprobs"])
         exp.raw_scores = raw.float()
         exp.scores = apply_missing_eos_score(exp.raw_scores, exp.finished, config.no_eos_score)

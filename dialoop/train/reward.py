@@ -5,10 +5,11 @@
 
 The RM is an `AutoModelForSequenceClassification` with one label on the SFT model's backbone. A candidate is
 scored exactly as PPO will score a sample: the prompt through the chat template with the generation prompt,
-the reply, and EOS; the reward is read at that EOS. One ranking is one batch element (`kway_ranking_loss`):
-its K candidates are scored in one forward pass, as one row that holds the prompt once and then the K
-replies, each reply attending to the prompt and to itself only, its positions continuing the prompt's; the
-scores equal those of each prompt + reply alone (right padding), at a fraction of the cost.
+the reply, and EOS (none when the reply was cut off at a token limit); the reward is read at the last token.
+One ranking is one batch element (`kway_ranking_loss`): its K candidates are scored in one forward pass, as
+one row that holds the prompt once and then the K replies, each reply attending to the prompt and to itself
+only, its positions continuing the prompt's; the scores equal those of each prompt + reply alone (right
+padding), at a fraction of the cost.
 After training, the bias (`config.dialoop_reward_bias`, see dialoop.modeling.heads) makes the mean reward of
 the reference replies 0; held-out pairwise accuracy (ties excluded) goes to the run's metrics.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,33 +82,46 @@ def pairwise_accuracy(rewards: torch.Tensor, better: torch.Tensor) -> tuple[torc
 
 
 def encode_candidates(
-    tokenizer: Any, prompt: list[ChatMessage], replies: Sequence[str], max_length: int
+    tokenizer: Any,
+    prompt: list[ChatMessage],
+    replies: Sequence[str],
+    max_length: int,
+    truncated: Collection[int] = (),
 ) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, reply ids + EOS) per reply, as the RM (and PPO) score them: the prompt through the chat
-    template with the generation prompt, then the reply, then EOS, where the reward is read.
+    """(prompt ids, reply ids) per reply, as the RM (and PPO) score them: the prompt through the chat
+    template with the generation prompt, then the reply, then EOS, where the reward is read. A reply cut off
+    at the token limit (its index in `truncated`) gets no EOS, as PPO's samples without one: the reward is
+    read at its last token, so the RM sees what trainers see ("cut off") and can rank it lower.
 
-    A reply longer than 3/4 of `max_length` loses its end (it still ends with EOS); a long prompt loses its
-    oldest tokens so that it and the longest reply fit in `max_length`. All replies share that prompt.
+    A reply longer than 3/4 of `max_length` loses its end; a long prompt loses its oldest tokens so that it
+    and the longest reply fit in `max_length`. All replies share that prompt.
     """
     prompt_ids = encode_prompt(tokenizer, prompt)
     cap = max(1, max_length - min(len(prompt_ids), max_length // 4) - 1)
     eos = int(tokenizer.eos_token_id)
-    reply_ids = [[*tokenizer(r, add_special_tokens=False)["input_ids"][:cap], eos] for r in replies]
+    reply_ids = []
+    for k, reply in enumerate(replies):
+        ids = tokenizer(reply, add_special_tokens=False)["input_ids"][:cap]
+        reply_ids.append(ids if k in truncated and ids else [*ids, eos])
     keep = max(0, max_length - max(len(r) for r in reply_ids))
     if keep < len(prompt_ids):
         prompt_ids = prompt_ids[len(prompt_ids) - keep :]
     return [(prompt_ids, r) for r in reply_ids]
 
 
-def encode_reply(tokenizer: Any, prompt: list[ChatMessage], reply: str, max_length: int) -> list[int]:
+def encode_reply(
+    tokenizer: Any, prompt: list[ChatMessage], reply: str, max_length: int, *, finished: bool = True
+) -> list[int]:
     """One candidate's token ids (see `encode_candidates`)."""
-    [(prompt_ids, reply_ids)] = encode_candidates(tokenizer, prompt, [reply], max_length)
+    [(prompt_ids, reply_ids)] = encode_candidates(
+        tokenizer, prompt, [reply], max_length, () if finished else (0,)
+    )
     return prompt_ids + reply_ids
 
 
 @dataclass(frozen=True)
 class EncodedRanking:
-    """The K candidates of a ranking as (prompt ids, reply ids + EOS), and its (better, worse) pairs."""
+    """The K candidates of a ranking as (prompt ids, reply ids), and its (better, worse) pairs."""
 
     candidates: list[tuple[list[int], list[int]]]
     pairs: list[tuple[int, int]]
@@ -115,7 +129,8 @@ class EncodedRanking:
 
 def encode_ranking(tokenizer: Any, example: RankingExample, max_length: int) -> EncodedRanking:
     return EncodedRanking(
-        encode_candidates(tokenizer, example.prompt, example.completions, max_length), ordered_pairs(example)
+        encode_candidates(tokenizer, example.prompt, example.completions, max_length, set(example.truncated)),
+        ordered_pairs(example),
     )
 
 
@@ -143,7 +158,7 @@ class _Row:
     positions: list[int]
     group: list[int]
     segment: list[int]  # 0: a prompt; k + 1: candidate k's reply
-    score_at: dict[int, int]  # candidate index -> position of its EOS in the row
+    score_at: dict[int, int]  # candidate index -> position of its last token in the row
 
 
 def _rows(

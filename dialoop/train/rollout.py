@@ -154,6 +154,13 @@ def shared_prefix_len(exp: Experience) -> int:
     return n if n >= MIN_SHARED_PREFIX else 0
 
 
+def _is_sharded(module: torch.nn.Module) -> bool:
+    """Whether FSDP shards the module's weights (they are DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
 def backbone_states(model: Any, exp: Experience) -> tuple[Tensor, int]:
     """Last hidden states of columns P..L-1 ([B, L-P, H]) and P, the length of the rows' shared prefix.
 
@@ -163,9 +170,10 @@ def backbone_states(model: Any, exp: Experience) -> tuple[Tensor, int]:
     """
     hf = _hf_model(model)
     backbone = getattr(hf, hf.base_model_prefix)
-    # gradient checkpointing recomputes layers without a cache: no shared prefix then
+    # gradient checkpointing recomputes layers without a cache: no shared prefix then; nor under FSDP, where
+    # each call of a block gathers its weights with the other processes, whose rows share other prefixes
     checkpointing = getattr(backbone, "gradient_checkpointing", False) and backbone.training
-    shared = 0 if checkpointing else shared_prefix_len(exp)
+    shared = 0 if checkpointing or _is_sharded(backbone) else shared_prefix_len(exp)
     if not shared:
         return backbone(input_ids=exp.input_ids, use_cache=False).last_hidden_state, 0
     from transformers import DynamicCache
