@@ -20,11 +20,11 @@ demo: install
 	$(VENV)/bin/dialoop demo --out runs/demo
 
 lint: install
-	$(VENV)/bin/ruff check dialoop tests bench
-	$(VENV)/bin/ruff format --check dialoop tests bench
+	$(VENV)/bin/ruff check dialoop tests bench examples
+	$(VENV)/bin/ruff format --check dialoop tests bench examples
 
 typecheck: install
-	$(VENV)/bin/mypy dialoop
+	$(VENV)/bin/mypy dialoop examples
 
 pytest: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

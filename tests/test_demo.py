@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from dialoop.loop import VERSION_PREFIX
 from dialoop.store.db import make_engine, session_scope
 from dialoop.store.models import Candidate, ComparisonTask, Conversation, ModelVersion, Ranking, TrainingRun
 
+EXAMPLES = Path(__file__).parent.parent / "examples"
 CARD_FIELDS = {
     "name",
     "path",
@@ -94,6 +96,21 @@ def test_models_load_with_plain_transformers(demo: tuple[Path, str]) -> None:
     assert rm.config.num_labels == 1
     with torch.no_grad():
         assert rm(**ids).logits.shape == (1, 1)
+
+
+def test_the_card_reproduces_with_plain_transformers(demo: tuple[Path, str]) -> None:
+    """examples/reproduce_card.py: gold and win rate from the samples, the RM's accuracy from
+    AutoModelForSequenceClassification alone, and fresh samples from `generate`."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from reproduce_card import reproduce
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    out = reproduce(demo[0], resample_models=True)
+    assert out["gold_mean"] == out["card_gold_mean"]
+    assert out["win_rate_vs_sft"] == out["card_win_rate_vs_sft"]
+    assert out["rm_pairs"] == 0 or out["rm_accuracy"] == pytest.approx(out["card_rm_accuracy"], abs=0.15)
+    assert set(out["resampled"]["gold_mean"]) == {"sft", "policy"}
 
 
 def test_store_holds_the_collected_data_lineage_and_runs(demo: tuple[Path, str]) -> None:
