@@ -168,7 +168,7 @@ class JobManager:
     """The server's iteration jobs: at most one runs at a time; finished ones stay listed."""
 
     def __init__(
-        self, engine: Engine, registry: ModelRegistry, *, home: Path, work_dir: Path, grace_s: float = 20.0
+        self, engine: Engine, registry: ModelRegistry, *, home: Path, work_dir: Path, grace_s: float = 60.0
     ) -> None:
         self.engine = engine
         self.registry = registry
