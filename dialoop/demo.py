@@ -77,7 +77,7 @@ class DemoConfig:
 
 
 def demo_config(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = True) -> DemoConfig:
-    """The demo's budgets: sized so the embedded default runs end to end in about 25 minutes on 2 CPU cores
+    """The demo's budgets: sized so the embedded default runs end to end in about 18 minutes on 2 idle cores
     (see docs/demo.md for the measurements); `quick` runs every stage on a tiny model in seconds."""
     if quick:
         tokens = SamplingParams(max_new_tokens=8, temperature=1.0)
