@@ -3,6 +3,7 @@ new policy served and listed in the chat, its report card; a failure says why; a
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -135,6 +136,16 @@ def test_an_iteration_from_the_web_trains_serves_and_reports(tiny_model_dir: Pat
 
 
 def test_cancelling_an_iteration_interrupts_its_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # a server started in the background (`nohup dialoop serve &`) has SIGINT ignored, and its children
+    # inherit that: the job must still turn the cancel into KeyboardInterrupt
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _cancel_an_iteration(tiny_model_dir, tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
+
+
+def _cancel_an_iteration(tiny_model_dir: Path, tmp_path: Path) -> None:
     with live_web_server(f"sqlite:///{tmp_path / 'store.db'}", tiny_model_dir) as live:
         seed_store(live.app.state.engine, tiny_model_dir)
         root = live.client("root")
@@ -150,8 +161,7 @@ def test_cancelling_an_iteration_interrupts_its_run(tiny_model_dir: Path, tmp_pa
             f"/admin/jobs/{job_id}/cancel", data={"csrf_token": root.csrf}, headers=HTML
         )
         assert response.status_code == 303
-        # a loaded machine can take a while to unwind the run (the job allows `grace_s` = 60 s)
-        final, _ = follow(root, job_id, ended, timeout=150)
+        final, _ = follow(root, job_id, ended, timeout=150)  # the job allows `grace_s` = 60 s to unwind
         assert final["status"] == "cancelled" and "continues where this one stopped" in final["error"]
         assert final["stages"][0]["status"] == "cancelled" and final["policy_version"] is None
         jobs = live.app.state.jobs

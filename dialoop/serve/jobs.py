@@ -45,7 +45,12 @@ log = logging.getLogger(__name__)
 
 STAGES = ("sft", "rm", "ppo", "eval")
 STATE_FILE = "iteration.json"  # written by dialoop.loop after each stage
-_CLI = "from dialoop.cli import app; app(prog_name='dialoop')"
+# SIGINT is how a job is cancelled: the child turns it back into KeyboardInterrupt even when the server was
+# started with SIGINT ignored (`nohup dialoop serve &`, a non-interactive shell's `&`), which children inherit
+_CLI = (
+    "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from dialoop.cli import app; app(prog_name='dialoop')"
+)
 _STAGE_LINE = re.compile(r"^(sft|rm|ppo|eval): (start|done|reused|skipped)\s*$")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _SHOWN_METRICS = ("loss", "accuracy", "score", "kl", "reply_length")
