@@ -139,3 +139,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dialoop.modeling.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_rm_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A reward model with a random head on the tiny model (PPO's tests)."""
+    from dialoop.modeling.heads import reward_model_from_lm
+    from dialoop.modeling.loading import load_tokenizer, save_model_dir
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    rm = reward_model_from_lm(tiny_model_dir, device="cpu", tokenizer=tokenizer)
+    return save_model_dir(rm, tokenizer, tmp_path_factory.mktemp("rm") / "model")

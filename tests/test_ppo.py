@@ -19,9 +19,8 @@ from dialoop.modeling.heads import (
     last_token_scores,
     load_reward_model,
     per_token_values,
-    reward_model_from_lm,
 )
-from dialoop.modeling.loading import load_causal_lm, load_tokenizer, save_model_dir
+from dialoop.modeling.loading import load_causal_lm, load_tokenizer
 from dialoop.train import rollout
 from dialoop.train.common import make_accelerator, seed_everything
 from dialoop.train.metrics import read_metrics
@@ -59,14 +58,6 @@ def peaky_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFacto
     weights["model.norm.weight"] = weights["model.norm.weight"] * 10
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     return out
-
-
-@pytest.fixture(scope="module")
-def tiny_rm_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(tiny_model_dir)
-    rm = reward_model_from_lm(tiny_model_dir, device="cpu", tokenizer=tokenizer)
-    return save_model_dir(rm, tokenizer, tmp_path_factory.mktemp("rm") / "model")
 
 
 def config(model: Path, **overrides: object) -> PPOConfig:

@@ -12,13 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from dialoop.cli import app
-from dialoop.modeling.heads import reward_model_from_lm
-from dialoop.modeling.loading import load_tokenizer, save_model_dir
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -28,14 +25,6 @@ def _env() -> dict[str, str]:
     # one thread per process: two processes share this machine's cores
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", CUDA_VISIBLE_DEVICES="")
     return env
-
-
-@pytest.fixture(scope="module")
-def rm_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(tiny_model_dir)
-    rm = reward_model_from_lm(tiny_model_dir, device="cpu", tokenizer=tokenizer)
-    return save_model_dir(rm, tokenizer, tmp_path_factory.mktemp("rm") / "model")
 
 
 def _prompts(tmp_path: Path) -> Path:
@@ -54,8 +43,10 @@ def _max_weight_diff(a: Path, b: Path) -> float:
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
-def test_two_processes_follow_the_one_process_run(tiny_model_dir: Path, rm_dir: Path, tmp_path: Path) -> None:
-    common = ["ppo", "--model", str(tiny_model_dir), "--reward-model", str(rm_dir)]
+def test_two_processes_follow_the_one_process_run(
+    tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path
+) -> None:
+    common = ["ppo", "--model", str(tiny_model_dir), "--reward-model", str(tiny_rm_dir)]
     common += ["--prompts", str(_prompts(tmp_path)), "--max-steps", "2", "--batch-size", "8"]
     common += ["--mini-batch-size", "8", "--micro-batch-size", "8", "--max-new-tokens", "6"]
     common += ["--lr", "1e-3", "--precision", "fp32", "--no-progress", "--checkpoint-every", "0"]
@@ -101,10 +92,10 @@ def test_two_processes_follow_the_one_process_run(tiny_model_dir: Path, rm_dir: 
 
 
 def test_a_ppo_run_killed_mid_way_resumes_to_the_same_weights(
-    tiny_model_dir: Path, rm_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path
 ) -> None:
     args = [str(VENV_BIN / "python"), "-m", "dialoop.train", "ppo", "--model", str(tiny_model_dir)]
-    args += ["--reward-model", str(rm_dir), "--prompts", str(_prompts(tmp_path)), "--max-steps", "10"]
+    args += ["--reward-model", str(tiny_rm_dir), "--prompts", str(_prompts(tmp_path)), "--max-steps", "10"]
     args += ["--batch-size", "4", "--mini-batch-size", "2", "--micro-batch-size", "2", "--ppo-epochs", "2"]
     # the adaptive KL coefficient, the EMA and the bf16 sampling copy (where bf16 is fast) are state too
     args += ["--max-new-tokens", "6", "--lr", "1e-3", "--kl-target", "0.5", "--ema-decay", "0.5"]

@@ -5,30 +5,19 @@ a standard HF dir with the full weights, and a run resumes from its sharded chec
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
-from test_train_distributed import _losses, _write_data
+from test_train_distributed import _env, _losses, _write_data
 from typer.testing import CliRunner
 
 from dialoop.cli import app
-from dialoop.modeling.heads import reward_model_from_lm
-from dialoop.modeling.loading import load_tokenizer, save_model_dir
 
 VENV_BIN = Path(sys.executable).parent
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    # one thread per process: two processes share this machine's cores
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", CUDA_VISIBLE_DEVICES="")
-    return env
 
 
 def _launch_fsdp(args: list[str], *, version: int = 2) -> subprocess.CompletedProcess[str]:
@@ -44,6 +33,16 @@ def _check(done: subprocess.CompletedProcess[str]) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # accelerate alone would quietly run DDP on CPUs
     assert "accelerator: 2 process(es) (FSDP)" in done.stderr
+
+
+def _crashed_after(straight: Path, step: Path, crashed: Path) -> Path:
+    """The run as it was after checkpoint `step`: a crash before the end left that one only."""
+    crashed.mkdir()
+    shutil.copytree(step, crashed / "checkpoints" / step.name)
+    shutil.copy(straight / "train_config.json", crashed)
+    rows = (straight / "metrics.jsonl").read_text().splitlines()
+    (crashed / "metrics.jsonl").write_text("\n".join(rows[: int(step.name.split("-")[1])]) + "\n")
+    return crashed
 
 
 def _weights(run_dir: Path) -> dict:
@@ -98,13 +97,7 @@ def test_fsdp_resumes_from_a_sharded_checkpoint(tiny_model_dir: Path, tmp_path: 
     assert (step3 / "pytorch_model_fsdp_0").is_dir()  # one shard per process, not a gathered copy
     assert len(list((step3 / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
 
-    # the run as it was after its first checkpoint: a crash before step 6 left that one only
-    crashed = tmp_path / "crashed"
-    crashed.mkdir()
-    shutil.copytree(step3, crashed / "checkpoints" / step3.name)
-    shutil.copy(straight / "train_config.json", crashed)
-    rows = (straight / "metrics.jsonl").read_text().splitlines()
-    (crashed / "metrics.jsonl").write_text("\n".join(rows[:3]) + "\n")
+    crashed = _crashed_after(straight, step3, tmp_path / "crashed")
     resumed = _launch_fsdp([*args, "--out", str(crashed), "--resume"])
     _check(resumed)
     assert "resumed from" in resumed.stderr
@@ -122,18 +115,18 @@ def test_fsdp1_on_cpus_is_refused_with_a_clear_message(tiny_model_dir: Path, tmp
     assert "FSDP on CPUs needs FSDP2: pass --fsdp_version 2" in done.stdout + done.stderr
 
 
-@pytest.fixture(scope="module")
-def rm_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(tiny_model_dir)
-    rm = reward_model_from_lm(tiny_model_dir, device="cpu", tokenizer=tokenizer)
-    return save_model_dir(rm, tokenizer, tmp_path_factory.mktemp("rm") / "model")
-
-
-def _ppo_args(tiny_model_dir: Path, rm_dir: Path, tmp_path: Path) -> list[str]:
+def _ppo_args(tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path) -> list[str]:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"Tell me something about the number {i}.\n" for i in range(12)))
-    return ["ppo", "--model", str(tiny_model_dir), "--reward-model", str(rm_dir), "--prompts", str(prompts)]
+    return [
+        "ppo",
+        "--model",
+        str(tiny_model_dir),
+        "--reward-model",
+        str(tiny_rm_dir),
+        "--prompts",
+        str(prompts),
+    ]
 
 
 def _train_rows(run_dir: Path) -> list[dict]:
@@ -142,9 +135,9 @@ def _train_rows(run_dir: Path) -> list[dict]:
 
 
 def test_ppo_under_fsdp_follows_the_one_process_run(
-    tiny_model_dir: Path, rm_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path
 ) -> None:
-    common = _ppo_args(tiny_model_dir, rm_dir, tmp_path)
+    common = _ppo_args(tiny_model_dir, tiny_rm_dir, tmp_path)
     common += ["--max-steps", "2", "--batch-size", "8", "--mini-batch-size", "8", "--micro-batch-size", "8"]
     common += ["--max-new-tokens", "6", "--lr", "1e-3", "--precision", "fp32", "--no-progress"]
     common += ["--checkpoint-every", "0"]
@@ -164,9 +157,9 @@ def test_ppo_under_fsdp_follows_the_one_process_run(
 
 
 def test_ppo_under_fsdp_resumes_from_a_sharded_checkpoint(
-    tiny_model_dir: Path, rm_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path
 ) -> None:
-    args = _ppo_args(tiny_model_dir, rm_dir, tmp_path)
+    args = _ppo_args(tiny_model_dir, tiny_rm_dir, tmp_path)
     args += ["--max-steps", "4", "--batch-size", "4", "--mini-batch-size", "2", "--micro-batch-size", "2"]
     # the adaptive KL coefficient and the EMA (sharded like the policy, saved whole) are state too
     args += ["--ppo-epochs", "2", "--max-new-tokens", "6", "--lr", "1e-3", "--kl-target", "0.5"]
@@ -177,12 +170,7 @@ def test_ppo_under_fsdp_resumes_from_a_sharded_checkpoint(
     step2 = straight / "checkpoints" / "step-000002"
     assert len(list((step2 / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
 
-    crashed = tmp_path / "crashed"
-    crashed.mkdir()
-    shutil.copytree(step2, crashed / "checkpoints" / step2.name)
-    shutil.copy(straight / "train_config.json", crashed)
-    rows = (straight / "metrics.jsonl").read_text().splitlines()
-    (crashed / "metrics.jsonl").write_text("\n".join(rows[:2]) + "\n")
+    crashed = _crashed_after(straight, step2, tmp_path / "crashed")
     resumed = _launch_fsdp([*args, "--out", str(crashed), "--resume"])
     _check(resumed)
     assert "resumed from" in resumed.stderr
