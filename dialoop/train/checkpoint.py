@@ -1,6 +1,8 @@
 """Atomic checkpoints with exact resume: model, optimizer, registered objects, per-process RNG, counters.
 
-Layout: `RUN/checkpoints/step-000050/` (accelerate's `save_state` files + `trainer_state.json`).
+Layout: `RUN/checkpoints/step-000050/` (accelerate's `save_state` files + `trainer_state.json`; under FSDP a
+sharded `pytorch_model_fsdp_0/`, under DeepSpeed the engine's checkpoint in `pytorch_model/`, one optimizer
+partition per process, and one weight partition under ZeRO-3).
 A checkpoint is written to `RUN/checkpoints/.tmp-step-000050`, fsynced, then renamed, so a directory
 named `step-*` is always complete; a crash mid-write leaves only a `.tmp-*` that the next run deletes.
 """

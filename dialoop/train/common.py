@@ -5,10 +5,14 @@ API for a stage (`sft.py` is the complete example):
   subclass it, every field with a default and `metadata={"help": ...}`.
   `dialoop.cli.train.config_command(train_app, name, ConfigCls, help)` turns it into typer options.
 - `make_accelerator(config, gradient_accumulation_steps=None) -> Accelerator`: one process by default,
-  DDP or FSDP2 under `accelerate launch` (CPU-only machines: `--multi_gpu --num_processes N` joins over
-  gloo; `--use_fsdp --fsdp_version 2` shards over gloo too); bf16 autocast over fp32 master weights when
-  `resolve_precision(config.precision)` says "bf16". Accumulation steps default to
-  `accumulation_steps(config, num_processes)`. See docs/architecture.md, "Distributed training".
+  DDP, FSDP2 or DeepSpeed ZeRO-1/2/3 under `accelerate launch` (CPU-only machines: `--multi_gpu
+  --num_processes N` joins over gloo; `--use_fsdp --fsdp_version 2` and `--use_deepspeed --zero_stage S`
+  shard over gloo too); bf16 autocast over fp32 master weights when `resolve_precision(config.precision)`
+  says "bf16". Accumulation steps default to `accumulation_steps(config, num_processes)`.
+  `compute_dtype(accelerator)`, `zero_stage(accelerator)`. See docs/architecture.md, "Distributed training".
+- `prepare_trained(accelerator, model, optimizer)`: `accelerator.prepare` of the trained model (under
+  DeepSpeed `accelerator.backward` then only accumulates: `optimizer_step` steps the engine);
+  `gathered(accelerator, module, modify=False)`: a block in which ZeRO-3 parameters are whole.
 - `seed_everything(seed)`; `prepare_run_dir(config, stage, accelerator) -> Path` (refuses a non-empty dir
   without --resume, and a finished run with it).
 - `global_batch_indices(num_examples, batch_size, seed, step)`, `process_share(indices, accelerator)`,
@@ -16,7 +20,7 @@ API for a stage (`sft.py` is the complete example):
   resumes the data order exactly.
 - `optimizer_step(accelerator, model, optimizer, scheduler, loss_finite=, max_grad_norm=, state=, guard=)`
   with `NonFiniteGuard`: a non-finite loss or gradient on any process skips the update and is counted in
-  `TrainState`; 5 in a row raise `NonFiniteLossError`.
+  `TrainState`; 5 in a row raise `NonFiniteLossError` (DeepSpeed: the same, see `optimizer_step`).
 - `dialoop.train.checkpoint.CheckpointManager(run_dir, accelerator, keep=)`: atomic `save(state)`,
   `load_latest()`: model, optimizer, objects registered with `accelerator.register_for_checkpointing`
   (the scheduler), RNG states of every process (python, numpy, torch), and the `TrainState` counters.
@@ -41,6 +45,7 @@ import random
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -50,7 +55,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import parse_flag_from_env
+from accelerate.utils import DistributedType, parse_flag_from_env
 
 from dialoop.train.config import PRECISIONS, TrainConfig
 
@@ -119,6 +124,10 @@ def make_accelerator(config: TrainConfig, *, gradient_accumulation_steps: int | 
     precision = resolve_precision(config.precision, partial.device)
     fsdp = parse_flag_from_env("ACCELERATE_USE_FSDP")
     fsdp_on_cpu = fsdp and cpu and partial.num_processes > 1
+    deepspeed = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+    if deepspeed and cpu:
+        # DeepSpeed's CPU accelerator (read when deepspeed first picks one); it joins the gloo process group
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if fsdp:
         # transformers would load the weights on the first process only (the others get meta tensors for
         # FSDP to fill in); PPO's frozen models and the RM's new head need them on every process
@@ -131,10 +140,15 @@ def make_accelerator(config: TrainConfig, *, gradient_accumulation_steps: int | 
     )
     if fsdp_on_cpu:
         _fsdp_on_cpu(accelerator)
+    if deepspeed and cpu and partial.num_processes > 1:
+        _deepspeed_on_cpu(accelerator)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        _configure_deepspeed(accelerator, config, steps, precision)
     logger.info(
         "accelerator: %d process(es) (%s) on %s, precision %s, %d micro-batch(es) per step",
         accelerator.num_processes,
-        accelerator.distributed_type.value,
+        accelerator.distributed_type.value
+        + (f" ZeRO-{zero_stage(accelerator)}" if zero_stage(accelerator) else ""),
         accelerator.device,
         precision,
         steps,
@@ -150,7 +164,7 @@ def _fsdp_on_cpu(accelerator: Accelerator) -> None:
     the launcher's settings, as accelerate does on a GPU; `prepare`, `clip_grad_norm_`, `get_state_dict` and
     `save_state` / `load_state` then take their FSDP paths.
     """
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import FullyShardedDataParallelPlugin
 
     state = accelerator.state
     if getattr(state, "fsdp_plugin", None) is not None:
@@ -162,6 +176,145 @@ def _fsdp_on_cpu(accelerator: Accelerator) -> None:
     state.distributed_type = DistributedType.FSDP
     # accelerate keeps the two singletons in step (a later AcceleratorState copies PartialState's type)
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def _deepspeed_on_cpu(accelerator: Accelerator) -> None:
+    """Run DeepSpeed over gloo, as `accelerate launch --use_deepspeed` asks, where accelerate would run DDP.
+
+    accelerate (1.15) turns DeepSpeed off on CPUs, as it does FSDP (MULTI_CPU). DeepSpeed has a CPU
+    accelerator and uses the process group that accelerate started, so the state is switched to DeepSpeed
+    with the plugin built from the launcher's settings (`--zero_stage`, `--deepspeed_config_file`, ...), as
+    on a GPU.
+    """
+    from accelerate.utils import DeepSpeedPlugin
+
+    state = accelerator.state
+    if state.deepspeed_plugins is not None:
+        return
+    import deepspeed.ops
+
+    # DeepSpeed's shared-memory all-reduce serves inference only; loading it would compile C++ at run time
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    plugin = DeepSpeedPlugin()  # precision: see `_configure_deepspeed`
+    plugin.select(_from_accelerator_state=True)
+    state.deepspeed_plugins = plugin
+    state.distributed_type = DistributedType.DEEPSPEED
+    PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+
+
+def _configure_deepspeed(accelerator: Accelerator, config: TrainConfig, steps: int, precision: str) -> None:
+    """Fit the DeepSpeed config to the run: the loop, not the engine, decides when the optimizer steps.
+
+    - `managed_gradient_accumulation: false`: `accelerator.backward` only accumulates gradients (see
+      `_BackwardOnly`) and `optimizer_step` takes the step with `engine.step()`, however many backward passes
+      an update has (PPO: a policy and a value loss);
+    - the run's micro-batches per step and `--max-grad-norm` (`gradient_clipping`: the engine clips);
+    - bf16 is DeepSpeed's `torch_autocast` over fp32 weights (as in every other mode), its gradients reduced
+      in fp32; ZeRO-3 gathers the whole model for `save_model`;
+    - every process loads whole weights (no `zero.Init` in `from_pretrained`): PPO's frozen models are not
+      prepared; `deepspeed.initialize` partitions the trained model.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    ds_config = plugin.deepspeed_config
+    stage = int(plugin.zero_stage)
+    if stage not in (1, 2, 3):
+        raise ValueError(
+            f"DeepSpeed ZeRO stage {stage} is not supported: use --zero_stage 1, 2 or 3 (or DDP)"
+        )
+    zero = ds_config.setdefault("zero_optimization", {})
+    if any(zero.get(k, {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param")):
+        # the offloaded optimizer is DeepSpeedCPUAdam, a C++ op compiled at run time
+        raise ValueError("DeepSpeed offload is not supported (it needs DeepSpeed's compiled CPU Adam)")
+    gas = ds_config.get("gradient_accumulation_steps", "auto")
+    if gas not in ("auto", steps):
+        logger.warning("DeepSpeed gradient_accumulation_steps %s replaced by the run's %d", gas, steps)
+    micro = max(1, config.micro_batch_size)
+    ds_config.update(
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=steps,
+        train_batch_size=micro * steps * accelerator.num_processes,
+        gradient_clipping=max(0.0, config.max_grad_norm),
+        managed_gradient_accumulation=False,
+    )
+    zero["stage3_gather_16bit_weights_on_model_save"] = True
+    ds_config["fp16"] = {"enabled": False}
+    ds_config["bf16"] = {"enabled": False}
+    ds_config.pop("torch_autocast", None)
+    if precision == "bf16":
+        ds_config["torch_autocast"] = {
+            "enabled": True,
+            "dtype": "bfloat16",
+            "lower_precision_safe_modules": [],
+        }
+    plugin.zero3_init_flag = False
+    plugin.dschf = None
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
+def compute_dtype(accelerator: Accelerator) -> torch.dtype:
+    """bf16 when the run is mixed precision (accelerate's autocast, DeepSpeed's torch_autocast), else fp32."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        autocast = plugin.deepspeed_config.get("torch_autocast", {})
+        return torch.bfloat16 if autocast.get("enabled") else torch.float32
+    return torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+
+
+def zero_stage(accelerator: Accelerator) -> int:
+    """The DeepSpeed ZeRO stage of the run, 0 when it does not run DeepSpeed."""
+    plugin = accelerator.state.deepspeed_plugin
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
+def prepare_trained(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any) -> tuple[Any, Any]:
+    """`accelerator.prepare(model, optimizer)` for the trained model; call once per run.
+
+    Under DeepSpeed, `accelerator.backward` then only accumulates gradients; `optimizer_step` steps the
+    engine.
+    """
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.deepspeed_engine_wrapped = _BackwardOnly(model)
+    return model, optimizer
+
+
+@contextmanager
+def gathered(accelerator: Accelerator, module: torch.nn.Module, *, modify: bool = False) -> Iterator[None]:
+    """Inside the block, `module`'s parameters are whole under ZeRO-3 (a collective: every process enters);
+    with `modify`, what the first process writes into them is kept. Other modes: nothing to do (FSDP shards
+    are DTensors, see `dialoop.train.ppo._full`)."""
+    if zero_stage(accelerator) != 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0 if modify else None):
+        yield
+
+
+class _BackwardOnly:
+    """What `accelerator.backward` calls under DeepSpeed (in place of accelerate's wrapper, which steps the
+    optimizer at the accumulation boundary): `engine.backward`, which scales by 1 / the accumulation steps as
+    accelerate does, and accumulates (ZeRO-2/3 reduce the gradients as they come).
+
+    A loss that is not finite is back-propagated times NaN, so that its gradient is not finite either,
+    whatever made the loss so: DeepSpeed's ZeRO optimizer skips an update whose gradient norm is not finite,
+    on every process, and clears the gradients (see `optimizer_step`).
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def backward(self, loss: torch.Tensor, sync_gradients: bool = True, **kwargs: Any) -> None:
+        if not bool(torch.isfinite(loss.detach()).all()):
+            loss = loss * float("nan")
+        self.engine.backward(loss, **kwargs)
+
+    def get_global_grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
 
 
 def seed_everything(seed: int) -> None:
@@ -300,8 +453,16 @@ def optimizer_step(
     """Clip, step and zero the gradients, unless the loss or the gradient is non-finite on any process.
 
     Returns the gradient norm before clipping (None when the step was skipped). Advances `state.step`.
+
+    Under DeepSpeed the engine clips (`gradient_clipping` = `max_grad_norm`, set by `make_accelerator`) and
+    steps; its ZeRO optimizer skips an update whose gradient norm is not finite and clears the gradients, and
+    a non-finite loss was back-propagated as NaN (`_BackwardOnly`), so the same updates are skipped.
     """
     finite = all_finite(accelerator, loss_finite)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return _engine_step(
+            model, scheduler, finite=finite, max_grad_norm=max_grad_norm, state=state, guard=guard
+        )
     grad_norm: float | None = None
     if finite:
         # an infinite max norm measures without clipping
@@ -317,6 +478,36 @@ def optimizer_step(
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
     return grad_norm if finite else None
+
+
+def _engine_step(
+    engine: Any,
+    scheduler: Any,
+    *,
+    finite: bool,
+    max_grad_norm: float,
+    state: TrainState,
+    guard: NonFiniteGuard,
+) -> float | None:
+    """`optimizer_step` under DeepSpeed: `engine.step()` clips, steps (unless the gradient norm is not finite)
+    and clears the gradients; the LR schedule, not prepared, advances with the updates taken."""
+    if engine.gradient_clipping() != max(0.0, max_grad_norm):
+        raise RuntimeError(f"DeepSpeed clips at {engine.gradient_clipping()}, the run asks {max_grad_norm}")
+    engine.step()
+    if engine.zero_optimization_stage() == 3:
+        # ZeRO-3 copies a gradient into its partition at an update's first backward and adds it at later
+        # ones: a parameter whose first gradient comes later (PPO's value model, after the policy's passes)
+        # would add onto the last update's (or a skipped update's NaN). Cleared, every backward may add.
+        engine.optimizer.grad_partitions_flat_buffer.zero_()
+    applied = bool(engine.was_step_applied())
+    if applied and not finite:
+        raise RuntimeError("DeepSpeed applied an update whose loss was not finite")
+    guard.update(state, applied)
+    if applied:
+        scheduler.step()
+    state.step += 1
+    norm = engine.get_global_grad_norm()
+    return float(norm) if applied and norm is not None else None
 
 
 # --- models --------------------------------------------------------------------------------------
@@ -402,39 +593,54 @@ def _share_tied_tensors(model: torch.nn.Module, state_dict: dict[str, Any]) -> d
 def save_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> None:
     """Write a standard HF dir (fp32 weights, tokenizer, chat template) into `out_dir`; call on every process.
 
-    `model` is the prepared HF model, or a training module that holds it as `.hf_model`. The files are
-    written to a temp dir first and then moved in, so a crash never leaves half a weight file; other files
-    of `out_dir` (metrics, config of the run) stay.
+    `model` is the prepared HF model, or a training module that holds it as `.hf_model` (under ZeRO-3 it may
+    also be a part of the engine's module: PPO's policy). The files are written to a temp dir first and then
+    moved in, so a crash never leaves half a weight file; other files of `out_dir` (metrics, config of the
+    run) stay.
     """
-    from accelerate.utils import DistributedType
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    whole = accelerator.unwrap_model(model)
+    with gathered(accelerator, whole):  # ZeRO-3: the weights are whole in this block
+        state_dict: dict[str, Any] | None = None
+        if zero_stage(accelerator) == 3:
+            if accelerator.is_main_process:
+                state_dict = {k: v.detach().clone() for k, v in whole.state_dict().items()}
+        elif sharded:
+            state_dict = accelerator.get_state_dict(model)  # a collective under FSDP
+        if accelerator.is_main_process:
+            _write_model_dir(whole, state_dict, tokenizer, Path(out_dir), sharded=sharded)
+    accelerator.wait_for_everyone()
 
+
+def _write_model_dir(
+    unwrapped: Any,
+    state_dict: dict[str, Any] | None,
+    tokenizer: Any,
+    out_dir: Path,
+    *,
+    sharded: bool,
+) -> None:
     from dialoop.modeling.loading import ensure_special_tokens, save_model_dir
 
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    state_dict = accelerator.get_state_dict(model) if sharded else None  # a collective under FSDP/ZeRO
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        if hasattr(unwrapped, "hf_model"):
-            unwrapped = unwrapped.hf_model
-            if state_dict is not None:
-                state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+    if hasattr(unwrapped, "hf_model"):
+        unwrapped = unwrapped.hf_model
         if state_dict is not None:
-            state_dict = _share_tied_tensors(unwrapped, state_dict)
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".final-"))
-        try:
-            if sharded:
-                ensure_special_tokens(unwrapped, tokenizer)
-                unwrapped.save_pretrained(tmp / "model", state_dict=state_dict)
-                tokenizer.save_pretrained(tmp / "model")
-            else:
-                save_model_dir(unwrapped, tokenizer, tmp / "model")
-            # config.json last: a dir with a config but no weights never appears
-            for path in sorted((tmp / "model").iterdir(), key=lambda p: p.name == "config.json"):
-                path.chmod(0o644)
-                os.replace(path, out_dir / path.name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        logger.info("model written to %s", out_dir)
-    accelerator.wait_for_everyone()
+            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+    if state_dict is not None:
+        state_dict = _share_tied_tensors(unwrapped, state_dict)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".final-"))
+    try:
+        if sharded:
+            ensure_special_tokens(unwrapped, tokenizer)
+            unwrapped.save_pretrained(tmp / "model", state_dict=state_dict)
+            tokenizer.save_pretrained(tmp / "model")
+        else:
+            save_model_dir(unwrapped, tokenizer, tmp / "model")
+        # config.json last: a dir with a config but no weights never appears
+        for path in sorted((tmp / "model").iterdir(), key=lambda p: p.name == "config.json"):
+            path.chmod(0o644)
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("model written to %s", out_dir)

@@ -27,6 +27,7 @@ from dialoop.train.common import (
     chunks,
     global_batch_indices,
     optimizer_step,
+    prepare_trained,
     process_share,
     total_steps,
 )
@@ -90,7 +91,7 @@ def fit(
         raise ValueError("every training example must carry weight (filter out examples with no target)")
     num_steps = total_steps(config, len(examples))
     optimizer, scheduler = make_optimizer(config, model, num_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare_trained(accelerator, model, optimizer)
     # the scheduler is not prepared (accelerate would step it once per process); it is checkpointed as is
     accelerator.register_for_checkpointing(scheduler)
     checkpoints = CheckpointManager(run_dir, accelerator, keep=config.keep_checkpoints)

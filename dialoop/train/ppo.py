@@ -4,6 +4,7 @@
     dialoop train ppo --reward-model runs/rm --prompts prompts.txt --out runs/ppo
     accelerate launch --num_processes 2 --cpu -m dialoop.train ppo ...           # DDP, the same curve
     accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 -m dialoop.train ppo ...  # FSDP2
+    accelerate launch --use_deepspeed --zero_stage 2 --num_processes 2 -m dialoop.train ppo ...  # ZeRO
 
 Each step: sample one reply per prompt from the policy (seeded per row), score prompt + reply with the frozen
 reward model (a fixed score for replies without EOS) and the frozen reference (= the SFT model), turn that
@@ -39,13 +40,16 @@ from dialoop.train.checkpoint import CheckpointManager
 from dialoop.train.common import (
     NonFiniteGuard,
     TrainState,
+    compute_dtype,
     disable_dropout,
     freeze_lower_layers,
+    gathered,
     global_batch_indices,
     load_training_tokenizer,
     make_accelerator,
     optimizer_step,
     prepare_run_dir,
+    prepare_trained,
     process_share,
     resolve_base_model,
     resolve_precision,
@@ -185,11 +189,6 @@ class PPOModels:
     reward: torch.nn.Module | RewardFn | None  # frozen model in the compute dtype, or a function
 
 
-def compute_dtype(accelerator: Accelerator) -> torch.dtype:
-    """bf16 when the run is mixed precision, else fp32."""
-    return torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-
-
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     """Eval mode, no dropout, no gradients."""
     disable_dropout(model)
@@ -302,15 +301,17 @@ class ValuePass(torch.nn.Module):
 
 
 class TrainedPair(torch.nn.Module):
-    """Both training passes in one module, for FSDP: accelerate shards one model per optimizer, and every
-    call must go through the root module, whose hooks gather and free the shards."""
+    """Both training passes in one module, for FSDP and DeepSpeed: accelerate shards one model per optimizer,
+    and every call must go through the root module (the engine), whose hooks gather and free the shards."""
 
     def __init__(self, policy_pass: PolicyPass, value_pass: ValuePass) -> None:
         super().__init__()
         self.policy_pass = policy_pass
         self.value_pass = value_pass
-        # FSDP's transformer auto-wrap policy looks for the block classes here
+        # FSDP's transformer auto-wrap policy looks for the block classes here, and accelerate for the hidden
+        # size (DeepSpeed configs with "auto" bucket sizes) in `config`
         self._no_split_modules = getattr(policy_pass.policy, "_no_split_modules", None)
+        self.config = getattr(policy_pass.policy, "config", None)
 
     def forward(self, role: str, *args: Any, **kwargs: Any) -> Any:
         return getattr(self, role)(*args, **kwargs)
@@ -344,7 +345,7 @@ def _shard_like(like: Tensor, full: Tensor) -> Tensor:
 
 class PolicyEMA:
     """Exponential moving average of the policy's trainable weights (kept in fp32; under FSDP, sharded like
-    them, and saved whole)."""
+    them, and saved whole; under ZeRO-3, whole: update and copy within `gathered`)."""
 
     def __init__(self, policy: torch.nn.Module, decay: float) -> None:
         self.decay = decay
@@ -440,11 +441,14 @@ class PPOTrainer:
                 if isinstance(model, torch.nn.Module):
                     use_fp32_attention(model)
         updates = self.num_steps * config.ppo_epochs * (config.batch_size // config.mini_batch_size)
-        # FSDP: every forward and backward gathers and frees shards together with the other processes, so
-        # each process makes the same passes (`buckets`) and samples from a whole copy of the policy
-        self.sharded = accelerator.distributed_type == DistributedType.FSDP
+        # FSDP, DeepSpeed: every forward (ZeRO-3) and backward (ZeRO-2/3) gathers or reduces together with the
+        # other processes, so each process makes the same passes (`buckets`) and samples from a whole copy of
+        # the policy; policy and value are one module (accelerate prepares one model per optimizer)
+        self.sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         if self.sharded and config.lora_r > 0:
-            raise ValueError("LoRA (--lora-r) does not run under FSDP: use DDP, or full fine-tuning")
+            raise ValueError(
+                "LoRA (--lora-r) does not run under FSDP or DeepSpeed: use DDP, or full fine-tuning"
+            )
         self.sampler = self._make_sampler(models.policy)  # before sharding: a whole copy
         policy_pass, value_pass = PolicyPass(models.policy), ValuePass(models.value)
         trained = torch.nn.ModuleList([policy_pass, value_pass])
@@ -453,7 +457,9 @@ class PPOTrainer:
         self.policy_pass: Any
         self.value_pass: Any
         if self.sharded:
-            pair, self.optimizer = accelerator.prepare(TrainedPair(policy_pass, value_pass), optimizer)
+            pair, self.optimizer = prepare_trained(
+                accelerator, TrainedPair(policy_pass, value_pass), optimizer
+            )
             self.policy_pass, self.value_pass = _Role(pair, "policy_pass"), _Role(pair, "value_pass")
             self.trained = pair  # for clipping, train()
         else:
@@ -462,7 +468,10 @@ class PPOTrainer:
             )
             self.trained = torch.nn.ModuleList([self.policy_pass, self.value_pass])
         accelerator.register_for_checkpointing(self.scheduler)
-        self.ema = PolicyEMA(self.policy, config.ema_decay) if config.ema_decay > 0 else None
+        self.ema: PolicyEMA | None = None
+        if config.ema_decay > 0:
+            with gathered(accelerator, self.policy):  # under ZeRO-3 the EMA is whole
+                self.ema = PolicyEMA(self.policy, config.ema_decay)
         if self.ema is not None:
             accelerator.register_for_checkpointing(self.ema)
         self.state = TrainState()
@@ -512,8 +521,9 @@ class PPOTrainer:
     @torch.no_grad()
     def _sync_sampler(self) -> None:
         if self.sampler is not None:
-            for dst, src in zip(self.sampler.parameters(), self.policy.parameters(), strict=True):
-                dst.copy_(_full(src))
+            with gathered(self.accelerator, self.policy):
+                for dst, src in zip(self.sampler.parameters(), self.policy.parameters(), strict=True):
+                    dst.copy_(_full(src))
 
     def buckets(self, exp: Experience, rows: Sequence[int], max_rows: int) -> list[list[int]]:
         """`rows` of `exp` grouped into forward passes of at most `max_rows` rows of similar length.
@@ -679,7 +689,8 @@ class PPOTrainer:
                     guard=self.guard,
                 )
                 if self.ema is not None:
-                    self.ema.update(self.policy)
+                    with gathered(acc, self.policy):
+                        self.ema.update(self.policy)
                 n_updates += 1
         keys = sorted(totals)
         reduced = acc.reduce(torch.stack([totals[k] for k in keys]).to(acc.device), "sum")
@@ -806,7 +817,8 @@ class PPOTrainer:
         """The policy to publish: EMA weights when enabled, LoRA merged into the base weights."""
         policy = self.policy
         if self.ema is not None:
-            self.ema.copy_to(policy)
+            with gathered(self.accelerator, policy, modify=True):
+                self.ema.copy_to(policy)
         if self.config.lora_r > 0:
             policy = policy.merge_and_unload()  # type: ignore[operator]
         restore_sdpa(policy)

@@ -240,8 +240,10 @@ class RankingScorer(torch.nn.Module):
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         self.model = model
-        # FSDP's auto-wrap policy looks for the transformer block classes here
+        # FSDP's auto-wrap policy looks for the transformer block classes here, and accelerate for the hidden
+        # size (DeepSpeed configs with "auto" bucket sizes) in `config`
         self._no_split_modules = getattr(model, "_no_split_modules", None)
+        self.config = model.config
 
     @property
     def hf_model(self) -> PreTrainedModel:
