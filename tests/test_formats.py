@@ -191,7 +191,10 @@ def test_hh_rlhf_cannot_express_system_messages() -> None:
 def test_ordered_pairs_expand_a_ranking_and_leave_out_ties() -> None:
     example = RankingExample(prompt=[U], completions=list("abcd"), ranking=[2, 0, 1, 3], ties=[(0, 2)])
     assert ordered_pairs(example) == [(2, 1), (2, 3), (0, 1), (0, 3), (1, 3)]
-    assert ordered_pairs(RankingExample([U], list("ab"), [0, 1], all_bad=True)) == []
+    all_bad = RankingExample([U], list("abc"), [1, 0, 2], ties=[(0, 2)], all_bad=True)
+    assert ordered_pairs(all_bad) == []
+    assert ordered_pairs(all_bad, all_bad_orders=True) == [(1, 0), (1, 2)]
+    assert ordered_pairs(RankingExample([U], list("ab"), [], all_bad=True), all_bad_orders=True) == []
 
 
 def test_oasst_ranks_from_rankings_share_ranks_on_ties_and_average() -> None:

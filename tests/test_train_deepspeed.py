@@ -9,6 +9,7 @@ Run as a script (under `accelerate launch`), this file trains the NaN-guard mode
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,19 @@ def _partitions(checkpoint: Path, kind: str) -> list[str]:
     return sorted(p.name for p in (checkpoint / "pytorch_model").glob(f"zero_pp_rank_*_{kind}_states.pt"))
 
 
+def _resumes_to_the_same_weights(
+    args: list[str], straight: Path, checkpoint: Path, out: Path, zero: int
+) -> Path:
+    """A copy of run `straight` crashed after `checkpoint`, resumed under ZeRO `zero`: its final weights equal
+    the uninterrupted run's exactly. Returns the resumed run dir."""
+    crashed = _crashed_after(straight, checkpoint, out)
+    resumed = _launch_deepspeed([*args, "--out", str(crashed), "--resume"], zero=zero)
+    _check(resumed, zero)
+    assert "resumed from" in resumed.stderr
+    assert _max_diff(_weights(crashed), _weights(straight)) == 0.0
+    return crashed
+
+
 def test_sft_under_zero2_follows_the_one_process_run_and_resumes(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -83,11 +97,7 @@ def test_sft_under_zero2_follows_the_one_process_run_and_resumes(
     step3 = straight / "checkpoints" / "step-000003"
     # the optimizer state is partitioned: one file per process
     assert _partitions(step3, "optim") == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
-    crashed = _crashed_after(straight, step3, tmp_path / "crashed")
-    resumed = _launch_deepspeed([*args, "--out", str(crashed), "--resume"], zero=2)
-    _check(resumed, 2)
-    assert "resumed from" in resumed.stderr
-    assert _max_diff(_weights(crashed), _weights(straight)) == 0.0
+    crashed = _resumes_to_the_same_weights(args, straight, step3, tmp_path / "crashed", zero=2)
     assert _losses(crashed) == _losses(straight)
 
 
@@ -170,11 +180,7 @@ def test_ppo_under_zero3_follows_the_one_process_run_and_resumes(
     step2 = straight / "checkpoints" / "step-000002"
     # ZeRO-3 partitions the weights too
     assert _partitions(step2, "model") == [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)]
-    crashed = _crashed_after(straight, step2, tmp_path / "crashed")
-    resumed = _launch_deepspeed([*args, "--out", str(crashed), "--resume"], zero=3)
-    _check(resumed, 3)
-    assert "resumed from" in resumed.stderr
-    assert _max_diff(_weights(crashed), _weights(straight)) == 0.0
+    crashed = _resumes_to_the_same_weights(args, straight, step2, tmp_path / "crashed", zero=3)
     resumed_rows = _train_rows(crashed)
     assert [r["step"] for r in resumed_rows] == [1, 2, 3, 4]
     for a, b in zip(resumed_rows, rows, strict=True):
@@ -186,6 +192,33 @@ def test_ppo_under_zero3_follows_the_one_process_run_and_resumes(
         )
     assert rows[-1]["beta"] != rows[0]["beta"]  # the controller did adapt
     _loads_with_transformers(straight, "AutoModelForCausalLM")
+
+
+def test_ppo_under_zero3_whether_or_not_a_process_rows_share_a_prefix(
+    tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path
+) -> None:
+    # Without a default system prompt, rows share a long prefix only when their user turns start alike: here
+    # the even prompts do, the odd ones do not, so on a step one process's rows may share one and the other's
+    # not. Under ZeRO-3 every process must run the same forward passes (each gathers the weights with the
+    # others): the shared-prefix pass is skipped on all of them, or the run hangs.
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    words = ["Cats", "Rain", "Bread", "Maps", "Snow", "Tea"]
+    lines = [
+        f"Tell me something about the number {i}." if i % 2 == 0 else f"{words[i // 2]}?" for i in range(12)
+    ]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(line + "\n" for line in lines))
+    args = ["ppo", "--model", str(model), "--reward-model", str(tiny_rm_dir), "--prompts", str(prompts)]
+    args += ["--max-steps", "3", "--batch-size", "4", "--mini-batch-size", "4", "--micro-batch-size", "2"]
+    args += ["--ppo-epochs", "1", "--max-new-tokens", "4", "--precision", "fp32", "--no-progress"]
+    args += ["--checkpoint-every", "0", "--out", str(tmp_path / "two")]
+    _check(_launch_deepspeed(args, zero=3), 3)
+    assert [r["step"] for r in _train_rows(tmp_path / "two")] == [1, 2, 3]
 
 
 # --- the NaN guard ---------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -206,6 +207,42 @@ def test_rm_learns_a_marker_preference_and_centres_its_reward(tiny_model_dir: Pa
         scores = last_token_scores(model, batch["input_ids"], batch["attention_mask"])
     assert len(seqs) == summary["reference_replies"] == 180
     assert float(scores.mean()) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_the_order_of_all_bad_rankings_is_learned_only_when_asked(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    good = _marker_rankings(8, seed=3)
+    bad = [
+        dataclasses.replace(
+            r, prompt=[{"role": "user", "content": f"Say something bad, number {i}."}], all_bad=True
+        )
+        for i, r in enumerate(_marker_rankings(160, seed=4))
+    ]
+    config = RewardConfig(
+        out=tmp_path / "without",
+        model=str(tiny_model_dir),
+        lr=1e-3,
+        batch_size=8,
+        micro_batch_size=4,
+        epochs=2,
+        heldout_fraction=0.25,
+        bias_examples=0,
+        precision="fp32",
+        progress=False,
+    )
+    with pytest.raises(ValueError, match="no ranking with an ordered pair"):
+        train_reward_model(config, bad)
+
+    config = dataclasses.replace(config, out=tmp_path / "with", all_bad_orders=True)
+    train_reward_model(config, good + bad)
+    summary = json.loads((tmp_path / "with" / "metrics.json").read_text())
+    assert summary["train_rankings"] + summary["heldout_rankings"] == 168
+    assert summary["heldout_accuracy"] > 0.95  # it learned the marker from the all-bad rankings' order
+    # reward 0 is still the best reply of a ranking that is not all bad
+    assert summary["reference_replies"] == sum(
+        1 for r in good if r.prompt[0]["content"] not in _heldout_prompts(good + bad, 0.25, seed=0)
+    )
 
 
 def _heldout_prompts(rankings: list[RankingExample], fraction: float, seed: int) -> set[str]:

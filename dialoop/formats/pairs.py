@@ -10,10 +10,11 @@ from dialoop.formats.messages import assistant_turn, parse_prompt, parse_reply, 
 from dialoop.formats.records import RankingExample
 
 
-def ordered_pairs(example: RankingExample) -> list[tuple[int, int]]:
+def ordered_pairs(example: RankingExample, *, all_bad_orders: bool = False) -> list[tuple[int, int]]:
     """Every (better, worse) pair of candidate indices in the ranking, best first, tied pairs left out;
-    none for an all-bad ranking (it carries no ordering signal)."""
-    if example.all_bad:
+    none for an all-bad ranking (the trainer may not have ordered bad replies), unless `all_bad_orders`:
+    its trainers rank bad replies too (the guide still prefers one that ends to one cut off)."""
+    if example.all_bad and not all_bad_orders:
         return []
     tied = {frozenset(t) for t in example.ties}
     order = example.ranking

@@ -22,5 +22,5 @@ class RankingExample:
     completions: list[str]  # the K assistant replies
     ranking: list[int]  # indices into `completions`, best first
     ties: list[tuple[int, int]] = field(default_factory=list)  # pairs judged equally good
-    all_bad: bool = False  # every reply is bad: no ordering signal
+    all_bad: bool = False  # every reply is bad: the RM learns its order only with `all_bad_orders`
     truncated: list[int] = field(default_factory=list)  # completions cut off before their end-of-turn token

@@ -133,6 +133,13 @@ class RewardConfig(TrainConfig):
     heldout_fraction: float = field(
         default=0.1, metadata={"help": "Fraction of rankings held out to measure accuracy."}
     )
+    all_bad_orders: bool = field(
+        default=False,
+        metadata={
+            "help": "Learn the order of rankings marked all bad too (when trainers order bad replies as "
+            "well, as the simulated ones do); off: they are left out."
+        },
+    )
     reference_data: Path | None = field(
         default=None,
         metadata={

@@ -127,10 +127,12 @@ class EncodedRanking:
     pairs: list[tuple[int, int]]
 
 
-def encode_ranking(tokenizer: Any, example: RankingExample, max_length: int) -> EncodedRanking:
+def encode_ranking(
+    tokenizer: Any, example: RankingExample, max_length: int, *, all_bad_orders: bool = False
+) -> EncodedRanking:
     return EncodedRanking(
         encode_candidates(tokenizer, example.prompt, example.completions, max_length, set(example.truncated)),
-        ordered_pairs(example),
+        ordered_pairs(example, all_bad_orders=all_bad_orders),
     )
 
 
@@ -337,7 +339,7 @@ def reference_replies(
     rankings: Sequence[RankingExample], references: Sequence[ChatExample] | None
 ) -> list[tuple[list[ChatMessage], str]]:
     """(prompt, reply) pairs whose mean reward defines 0: every assistant turn of the demonstrations when
-    given, else the best-ranked reply of each ranking."""
+    given, else the best-ranked reply of each ranking not marked all bad (of each, when all are)."""
     if references is not None:
         out = [
             (ex.messages[:i], m["content"])
@@ -348,7 +350,8 @@ def reference_replies(
         if not out:
             raise ValueError("the reference demonstrations have no assistant turn")
         return out
-    return [(r.prompt, r.completions[r.ranking[0]]) for r in rankings if r.ranking]
+    best = [(r.prompt, r.completions[r.ranking[0]]) for r in rankings if r.ranking and not r.all_bad]
+    return best or [(r.prompt, r.completions[r.ranking[0]]) for r in rankings if r.ranking]
 
 
 def train_reward_model(
@@ -362,7 +365,8 @@ def train_reward_model(
     accelerator = make_accelerator(config)
     run_dir = prepare_run_dir(config, "rm", accelerator)
     seed_everything(config.seed)
-    usable = [r for r in rankings if ordered_pairs(r)]
+    with_bad = config.all_bad_orders
+    usable = [r for r in rankings if ordered_pairs(r, all_bad_orders=with_bad)]
     if len(usable) < len(rankings):
         logger.info(
             "%d ranking(s) without an ordered pair (all bad or all tied) skipped", len(rankings) - len(usable)
@@ -373,7 +377,7 @@ def train_reward_model(
     base = resolve_base_model(config.model)
     tokenizer = load_training_tokenizer(base)
     pad_id = int(tokenizer.pad_token_id)
-    encoded = [encode_ranking(tokenizer, r, config.max_length) for r in train]
+    encoded = [encode_ranking(tokenizer, r, config.max_length, all_bad_orders=with_bad) for r in train]
     logger.info("RM on %d rankings (%d held out), initialised from %s", len(train), len(heldout), base)
     hf_model = reward_model_from_lm(base, dtype=torch.float32, device="cpu", tokenizer=tokenizer).train()
     disable_dropout(hf_model)
@@ -419,7 +423,7 @@ def train_reward_model(
         "heldout_rankings": len(heldout),
     }
     if heldout:
-        held = [encode_ranking(tokenizer, r, config.max_length) for r in heldout]
+        held = [encode_ranking(tokenizer, r, config.max_length, all_bad_orders=with_bad) for r in heldout]
         scores = score_all(
             accelerator, model, [r.candidates for r in held], pad_id, share, config.eval_batch_size
         )

@@ -155,10 +155,11 @@ def shared_prefix_len(exp: Experience) -> int:
 
 
 def _is_sharded(module: torch.nn.Module) -> bool:
-    """Whether FSDP shards the module's weights (they are DTensors)."""
+    """Whether each forward gathers the module's weights from all processes: FSDP's DTensors, or DeepSpeed
+    ZeRO-3's partitioned parameters (they carry a `ds_id`)."""
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for p in module.parameters())
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in module.parameters())
 
 
 def backbone_states(model: Any, exp: Experience) -> tuple[Tensor, int]:
@@ -170,8 +171,8 @@ def backbone_states(model: Any, exp: Experience) -> tuple[Tensor, int]:
     """
     hf = _hf_model(model)
     backbone = getattr(hf, hf.base_model_prefix)
-    # gradient checkpointing recomputes layers without a cache: no shared prefix then; nor under FSDP, where
-    # each call of a block gathers its weights with the other processes, whose rows share other prefixes
+    # gradient checkpointing recomputes layers without a cache: no shared prefix then; nor under FSDP or
+    # ZeRO-3, where each call of a block gathers its weights with the other processes (rows of other prefixes)
     checkpointing = getattr(backbone, "gradient_checkpointing", False) and backbone.training
     shared = 0 if checkpointing or _is_sharded(backbone) else shared_prefix_len(exp)
     if not shared:
