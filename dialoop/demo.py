@@ -135,9 +135,7 @@ def demo_config(out: Path, *, quick: bool = False, seed: int = 0, progress: bool
             precision=precision,
             checkpoint_every=0,
         ),
-        # a few hundred rankings: several passes over them (one pass is InstructGPT's choice for large data);
-        # the simulated trainers order all-bad replies by the guide too: a third of the rankings, most of what
-        # the RM sees of "a reply that ends beats one cut off" among bad replies (docs/demo.md)
+        # a few hundred rankings: several passes over them (one pass is InstructGPT's choice for large data)
         rm=RewardConfig(
             epochs=3,
             batch_size=16,
@@ -145,8 +143,6 @@ def demo_config(out: Path, *, quick: bool = False, seed: int = 0, progress: bool
             lr=2e-5,
             max_length=256,
             trainable_layers=8,
-            all_bad_orders=True,
-            heldout_fraction=0.0,  # the card measures the RM on held-out prompts
             precision=precision,
             checkpoint_every=0,
         ),
