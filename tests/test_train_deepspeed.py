@@ -200,7 +200,7 @@ def test_ppo_under_zero3_whether_or_not_a_process_rows_share_a_prefix(
     # Without a default system prompt, rows share a long prefix only when their user turns start alike: here
     # the even prompts do, the odd ones do not, so on a step one process's rows may share one and the other's
     # not. Under ZeRO-3 every process must run the same forward passes (each gathers the weights with the
-    # others): the shared-prefix pass is skipped on all of them, or the run hangs.
+    # others): the shared-prefix pass is skipped on all of them, or they fall out of step and the run aborts.
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
     (model / "chat_template.jinja").write_text(

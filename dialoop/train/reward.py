@@ -350,8 +350,9 @@ def reference_replies(
         if not out:
             raise ValueError("the reference demonstrations have no assistant turn")
         return out
-    best = [(r.prompt, r.completions[r.ranking[0]]) for r in rankings if r.ranking and not r.all_bad]
-    return best or [(r.prompt, r.completions[r.ranking[0]]) for r in rankings if r.ranking]
+    ranked = [r for r in rankings if r.ranking]
+    chosen = [r for r in ranked if not r.all_bad] or ranked
+    return [(r.prompt, r.completions[r.ranking[0]]) for r in chosen]
 
 
 def train_reward_model(
