@@ -5,7 +5,9 @@
 
 Stages, each only when it has something new to learn from:
 - SFT on every demonstration (submitted or accepted), from the base model, when there are new ones;
-- the reward model on ALL rankings, from the SFT model, when there are new rankings (or a new SFT);
+- the reward model on ALL rankings (and the trainers' edits of model suggestions in the demonstrations,
+  each a pair: the edited turn over the suggestion), from the SFT model, when there are new rankings or
+  edits (or a new SFT);
 - PPO from the previous policy of the same SFT model (or from SFT), KL to SFT, against the new RM;
 - the report card of the new models (optional), then the new policy is served (optional).
 Each trained model is registered as a `ModelVersion` with its parent, and each training attempt as a
@@ -36,7 +38,7 @@ from sqlalchemy.orm import Session
 from dialoop.evaluate.card import EvalConfig, ModelSpec, evaluate_models
 from dialoop.evaluate.report import write_report
 from dialoop.formats import ChatExample, RankingExample, ranking_examples_from_store, snapshot_hash
-from dialoop.formats.store_io import conversation_chats
+from dialoop.formats.store_io import conversation_chats, edit_records
 from dialoop.modeling import resolve_model
 from dialoop.settings import settings
 from dialoop.store.db import session_scope
@@ -77,6 +79,9 @@ class IterationConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     evaluate: EvalConfig | None = field(default_factory=EvalConfig)  # None: no report card
     demonstration_statuses: tuple[str, ...] = DEMONSTRATION_STATUSES
+    rm_edits: bool = (
+        True  # the RM also learns that a trainer's edit of a model suggestion beats the suggestion
+    )
     deploy: bool = True  # serve the new policy when the iteration ends
     seed: int = 0
     progress: bool = True
@@ -151,19 +156,23 @@ def ranking_ids(session: Session) -> list[int]:
     return list(session.scalars(select(Ranking.id).where(Ranking.skip_reason.is_(None)).order_by(Ranking.id)))
 
 
-def rm_data(session: Session, ids: Sequence[int]) -> StageData:
-    """The rankings `ids` as RM examples (the formats layer builds them per task)."""
+def rm_data(session: Session, ids: Sequence[int], edit_conversation_ids: Sequence[int] = ()) -> StageData:
+    """The rankings `ids` as RM examples (the formats layer builds them per task), then the edits of model
+    suggestions in the demonstrations `edit_conversation_ids`, one pair each."""
     rows = session.execute(select(Ranking.id, Ranking.task_id).where(Ranking.id.in_(list(ids)))).all()
     task_ids = sorted({t for _, t in rows})
     examples: list[RankingExample] = ranking_examples_from_store(session, task_ids=task_ids)
+    edits = list(edit_records(session, edit_conversation_ids))
     record = {
         "kind": "rankings",
         "ranking_ids": sorted(ids),
         "task_ids": task_ids,
-        "examples": len(examples),
-        "snapshot_hash": snapshot_hash(examples),
+        "edit_conversation_ids": sorted(edit_conversation_ids),
+        "edit_pairs": len(edits),
+        "examples": len(examples) + len(edits),
+        "snapshot_hash": snapshot_hash(examples + edits),
     }
-    return StageData(record, examples)
+    return StageData(record, examples + edits)
 
 
 def prompt_conversation_ids(session: Session) -> list[int]:
@@ -449,7 +458,9 @@ def run_iteration(engine: Engine, config: IterationConfig | None = None) -> Iter
             "sft", lambda: _decide_sft(it), lambda s, rec: sft_data(s, rec.get("conversation_ids", []))
         )
         rm = it.stage(
-            "rm", lambda: _decide_rm(it, sft), lambda s, rec: rm_data(s, rec.get("ranking_ids", []))
+            "rm",
+            lambda: _decide_rm(it, sft),
+            lambda s, rec: rm_data(s, rec.get("ranking_ids", []), rec.get("edit_conversation_ids", [])),
         )
         demonstrations = None  # PPO-ptx mixes the SFT loss on the demonstrations in
         if config.ppo.ptx_coef > 0:
@@ -511,19 +522,23 @@ def _decide_sft(it: _Iteration) -> StageResult | StagePlan:
 
 
 def _decide_rm(it: _Iteration, sft: StageResult) -> StageResult | StagePlan:
-    """The RM on all rankings, from the SFT model, when the rankings or the SFT model are new."""
+    """The RM on all rankings (and edits), from the SFT model, when they or the SFT model are new."""
     assert sft.version_id is not None and sft.path is not None
     with session_scope(it.engine) as session:
         ids = ranking_ids(session)
         if not ids:
             return StageResult("rm", "skipped", note="no rankings yet")
+        edits = demonstration_ids(session, it.config.demonstration_statuses) if it.config.rm_edits else []
         previous = _latest_done(session, "rm", before=it.number)
         if previous is not None:
             run, version = previous
             same_init = run.config.get("loop", {}).get("init_version_id") == sft.version_id
-            if same_init and set(ids) <= set(run.data.get("ranking_ids", [])):
-                return StageResult("rm", "reused", version.id, version.path, run.id, note="no new rankings")
-        data = rm_data(session, ids)
+            learnt = set(run.data.get("ranking_ids", [])), set(run.data.get("edit_conversation_ids", []))
+            if same_init and set(ids) <= learnt[0] and set(edits) <= learnt[1]:
+                return StageResult(
+                    "rm", "reused", version.id, version.path, run.id, note="no new rankings or edits"
+                )
+        data = rm_data(session, ids, edits)
     config = it.config_for(it.config.rm, "rm", sft.path)
     return StagePlan("rm", config, data, sft.version_id, {"init_version_id": sft.version_id})
 

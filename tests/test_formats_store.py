@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select
 
+from dialoop.collect import Suggestion, add_turn, create_demonstration
 from dialoop.formats import (
     FORMATS,
     ExportResult,
@@ -21,6 +22,7 @@ from dialoop.formats import (
     import_file,
     ranking_examples_from_store,
 )
+from dialoop.formats.store_io import edit_records
 from dialoop.store import (
     Candidate,
     ComparisonTask,
@@ -328,3 +330,42 @@ def test_native_data_round_trips_byte_identical(
     _import(fresh_engine, first, fmt)
     _export(fresh_engine, second, fmt)
     assert first.read_bytes() == second.read_bytes()
+
+
+def test_edits_of_model_suggestions_become_preference_pairs(engine: Engine) -> None:
+    """An edited suggestion gives (edit > suggestion as written); one taken as it was, or a turn written
+    from scratch, gives nothing."""
+    suggestion = {"model_version_id": 1, "sampling": {}}
+    with session_scope(engine) as s:
+        ann = User(name="ann", role="trainer", password_hash="x")
+        s.add(ann)
+        s.flush()
+        demo = create_demonstration(s, ann, system_prompt="Be brief.")
+        add_turn(s, demo, ann, "user", "Name a colour in capitals.")
+        cut = Suggestion("Blue is a colour that", finished=False, **suggestion)
+        add_turn(s, demo, ann, "assistant", "BLUE.", suggestion=cut)
+        add_turn(s, demo, ann, "user", "Another one?")
+        kept = Suggestion("RED.", finished=True, **suggestion)
+        add_turn(s, demo, ann, "assistant", "RED.", suggestion=kept)
+        add_turn(s, demo, ann, "user", "And one more?")
+        add_turn(s, demo, ann, "assistant", "Green, with no suggestion.", suggestion=None)
+        add_turn(s, demo, ann, "user", "Thanks?")
+        add_turn(
+            s, demo, ann, "assistant", "You are welcome.", suggestion=Suggestion("Sure!", True, **suggestion)
+        )
+        scratch = create_demonstration(s, ann)
+        add_turn(s, scratch, ann, "user", "Hi")
+        add_turn(s, scratch, ann, "assistant", "Hello.")
+        ids = [demo.id, scratch.id]
+    with session_scope(engine) as s:
+        pairs = list(edit_records(s, ids))
+        assert [(p.completions, p.ranking, p.truncated) for p in pairs] == [
+            (["BLUE.", "Blue is a colour that"], [0, 1], [1]),
+            (["You are welcome.", "Sure!"], [0, 1], []),
+        ]
+        assert pairs[0].prompt == [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name a colour in capitals."},
+        ]
+        assert [m["content"] for m in pairs[1].prompt][-2:] == ["Green, with no suggestion.", "Thanks?"]
+        assert list(edit_records(s, [scratch.id])) == []

@@ -21,6 +21,7 @@ from dialoop.cli import app
 from dialoop.collect import PolicyHandle, create_comparison_tasks
 from dialoop.demo import demo_config
 from dialoop.formats import chat_examples_from_store, ranking_examples_from_store, snapshot_hash
+from dialoop.formats.store_io import edit_records
 from dialoop.loop import IterationConfig, NothingToTrain, run_iteration
 from dialoop.modeling import SamplingParams, load_model_and_tokenizer
 from dialoop.sim.prompts import generate_prompts
@@ -101,7 +102,7 @@ def test_iterations_train_what_is_new_and_record_exactly_which_data(
     ]
     (sft_run,) = _runs(store, "sft")
     with session_scope(store) as s:
-        demo_ids = list(s.scalars(select(Conversation.id).where(Conversation.kind == "demonstration")))
+        demo_ids = sorted(s.scalars(select(Conversation.id).where(Conversation.kind == "demonstration")))
         demos = chat_examples_from_store(s, status=("submitted", "accepted"))
         assert served_model(s).name == "sft-1"  # type: ignore[union-attr]
     assert sft_run.status == "done" and sft_run.iteration == 1
@@ -122,10 +123,11 @@ def test_iterations_train_what_is_new_and_record_exactly_which_data(
     (rm_run,) = _runs(store, "rm")
     with session_scope(store) as s:
         ranked = list(s.scalars(select(Ranking.id).where(Ranking.skip_reason.is_(None))))
-        rankings = ranking_examples_from_store(s)
-    assert rm_run.data["ranking_ids"] == sorted(ranked) and rm_run.data["snapshot_hash"] == snapshot_hash(
-        rankings
-    )
+        # the RM learns from the rankings, then from the trainers' edits of the model's suggestions
+        examples = ranking_examples_from_store(s) + list(edit_records(s, demo_ids))
+    assert rm_run.data["ranking_ids"] == sorted(ranked) and rm_run.data["edit_conversation_ids"] == demo_ids
+    assert 0 < rm_run.data["edit_pairs"] == len(examples) - len(ranked)
+    assert rm_run.data["snapshot_hash"] == snapshot_hash(examples)
     assert _version(store, "rm-2").parent.name == "sft-1"  # type: ignore[union-attr]
     policy = _version(store, "policy-2")
     assert policy.parent.name == "sft-1" and policy.kind == "policy"  # type: ignore[union-attr]

@@ -527,6 +527,37 @@ def ranking_records(
             )
 
 
+def edit_records(session: Session, conversation_ids: Sequence[int]) -> Iterator[RankingExample]:
+    """Trainers' edits of model suggestions as preference pairs, in message order: each assistant turn of
+    the demonstrations `conversation_ids` that started from a suggestion and was changed, over the
+    suggestion as the model wrote it (marked cut off when it was). A suggestion taken as it was says nothing
+    about what is better, and a turn written from scratch has nothing to compare with: both are left out."""
+    for chunk in _chunks(sorted(conversation_ids)):
+        conversations = session.scalars(
+            select(Conversation)
+            .where(Conversation.id.in_(chunk), Conversation.kind == "demonstration")
+            .options(selectinload(Conversation.messages))
+            .order_by(Conversation.id)
+        )
+        for conversation in conversations:
+            by_id = {m.id: m for m in conversation.messages}
+            for message in sorted(conversation.messages, key=lambda m: m.id):
+                suggestion = (message.extra or {}).get("suggestion")
+                if message.role != "assistant" or not suggestion or message.parent_id is None:
+                    continue
+                if str(suggestion.get("text", "")).strip() == message.content.strip():
+                    continue
+                path = [by_id[message.parent_id]]
+                while path[-1].parent_id is not None:
+                    path.append(by_id[path[-1].parent_id])
+                yield RankingExample(
+                    prompt=as_chat(path[::-1], conversation.system_prompt),
+                    completions=[message.content, str(suggestion["text"])],
+                    ranking=[0, 1],
+                    truncated=[] if suggestion.get("finished", True) else [1],
+                )
+
+
 def _sibling_pair(session: Session, better: Message, worse: Message) -> RankingExample | None:
     if better.parent_id is None or better.parent_id != worse.parent_id or better.id == worse.id:
         return None
