@@ -47,7 +47,7 @@ def test_two_processes_follow_the_one_process_run(
     tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path
 ) -> None:
     common = ["ppo", "--model", str(tiny_model_dir), "--reward-model", str(tiny_rm_dir)]
-    common += ["--prompts", str(_prompts(tmp_path)), "--max-steps", "2", "--batch-size", "8"]
+    common += ["--prompts", str(_prompts(tmp_path)), "--max-steps", "1", "--batch-size", "8"]
     common += ["--mini-batch-size", "8", "--micro-batch-size", "8", "--max-new-tokens", "6"]
     common += ["--lr", "1e-3", "--precision", "fp32", "--no-progress", "--checkpoint-every", "0"]
 
@@ -81,13 +81,14 @@ def test_two_processes_follow_the_one_process_run(
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    # (two steps: later, a weight difference of 1e-7 can flip a sampled token, and the runs part ways)
+    # one step: after it, a weight difference of 1e-7 can flip a sampled token (seen on an AVX2-only CPU at
+    # step 2) and the runs part ways
     one, two = _train_rows(tmp_path / "one"), _train_rows(tmp_path / "two")
-    assert len(one) == len(two) == 2
+    assert len(one) == len(two) == 1
     for a, b in zip(one, two, strict=True):
         for key in ("score", "kl", "policy_loss", "value_loss", "entropy", "reply_length"):
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), (key, a, b)
-    assert one[-1]["kl"] > 0  # the policy moved
+    assert _max_weight_diff(tmp_path / "one", tiny_model_dir) > 1e-4  # the policy moved
     assert _max_weight_diff(tmp_path / "one", tmp_path / "two") < 1e-4
 
 

@@ -142,17 +142,18 @@ def test_ppo_under_zero2_follows_the_one_process_run(
 ) -> None:
     # one pass per model and update: the old log-probs come from the first epoch's forward
     args = _ppo_args(tiny_model_dir, tiny_rm_dir, tmp_path)
-    args += ["--max-steps", "2", "--batch-size", "8", "--mini-batch-size", "8", "--micro-batch-size", "8"]
+    args += ["--max-steps", "1", "--batch-size", "8", "--mini-batch-size", "8", "--micro-batch-size", "8"]
     args += ["--max-new-tokens", "6", "--lr", "1e-3", "--precision", "fp32", "--no-progress"]
     args += ["--checkpoint-every", "0"]
     _one_process(args, tmp_path / "one")
     _check(_launch_deepspeed([*args, "--out", str(tmp_path / "two")], zero=2), 2)
 
-    # (two steps: later, a weight difference of 1e-7 can flip a sampled token, and the runs part ways)
+    # one step: after it, a weight difference of 1e-7 can flip a sampled token (seen on an AVX2-only CPU at
+    # step 2) and the runs part ways
     one, two = _train_rows(tmp_path / "one"), _train_rows(tmp_path / "two")
-    assert len(one) == len(two) == 2
+    assert len(one) == len(two) == 1
     _ppo_rows_match(one, two)
-    assert one[-1]["kl"] > 0  # the policy moved
+    assert _max_diff(_weights(tmp_path / "one"), _weights(tiny_model_dir)) > 1e-4  # the policy moved
     assert _max_diff(_weights(tmp_path / "one"), _weights(tmp_path / "two")) < 1e-5  # measured: 1e-6
 
 

@@ -138,7 +138,7 @@ def test_ppo_under_fsdp_follows_the_one_process_run(
     tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path
 ) -> None:
     common = _ppo_args(tiny_model_dir, tiny_rm_dir, tmp_path)
-    common += ["--max-steps", "2", "--batch-size", "8", "--mini-batch-size", "8", "--micro-batch-size", "8"]
+    common += ["--max-steps", "1", "--batch-size", "8", "--mini-batch-size", "8", "--micro-batch-size", "8"]
     common += ["--max-new-tokens", "6", "--lr", "1e-3", "--precision", "fp32", "--no-progress"]
     common += ["--checkpoint-every", "0"]
 
@@ -146,13 +146,14 @@ def test_ppo_under_fsdp_follows_the_one_process_run(
     assert result.exit_code == 0, result.output
     _check(_launch_fsdp([*common, "--out", str(tmp_path / "two")]))
 
-    # (two steps: later, a weight difference of 1e-7 can flip a sampled token, and the runs part ways)
+    # one step: after it, a weight difference of 1e-7 can flip a sampled token (seen on an AVX2-only CPU at
+    # step 2) and the runs part ways
     one, two = _train_rows(tmp_path / "one"), _train_rows(tmp_path / "two")
-    assert len(one) == len(two) == 2
+    assert len(one) == len(two) == 1
     for a, b in zip(one, two, strict=True):
         for key in ("score", "kl", "policy_loss", "value_loss", "entropy", "reply_length"):
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), (key, a, b)
-    assert one[-1]["kl"] > 0  # the policy moved
+    assert _max_diff(_weights(tmp_path / "one"), _weights(tiny_model_dir)) > 1e-4  # the policy moved
     assert _max_diff(_weights(tmp_path / "one"), _weights(tmp_path / "two")) < 1e-4
 
 

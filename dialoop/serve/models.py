@@ -144,13 +144,12 @@ class ModelRegistry:
         return self._served
 
     def entries(self) -> list[ModelEntry]:
-        """Every servable model: the base model first, then the store's policy versions (oldest first);
-        the version that registered the base model's own directory is the base model, listed once."""
+        """Every servable model: the base model first, then the store's policy versions (oldest first)."""
         with session_scope(self.engine) as session:
             versions = [
                 ModelEntry(v.name, v.path, v.id, v.created_at) for v in list_model_versions(session, "policy")
             ]
-        return [self.base, *[v for v in versions if self.base.name != v.name and self.base.path != v.path]]
+        return [self.base, *[v for v in versions if v.name != self.base.name]]
 
     def resolve(self, name: str | None) -> ModelEntry:
         """The entry called `name`; None or `default` is the served one. UnknownModel otherwise."""
