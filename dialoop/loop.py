@@ -79,9 +79,8 @@ class IterationConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     evaluate: EvalConfig | None = field(default_factory=EvalConfig)  # None: no report card
     demonstration_statuses: tuple[str, ...] = DEMONSTRATION_STATUSES
-    rm_edits: bool = (
-        True  # the RM also learns that a trainer's edit of a model suggestion beats the suggestion
-    )
+    # the RM also learns that a trainer's edit of a model suggestion beats the suggestion
+    rm_edits: bool = True
     deploy: bool = True  # serve the new policy when the iteration ends
     seed: int = 0
     progress: bool = True
@@ -533,8 +532,9 @@ def _decide_rm(it: _Iteration, sft: StageResult) -> StageResult | StagePlan:
         if previous is not None:
             run, version = previous
             same_init = run.config.get("loop", {}).get("init_version_id") == sft.version_id
-            learnt = set(run.data.get("ranking_ids", [])), set(run.data.get("edit_conversation_ids", []))
-            if same_init and set(ids) <= learnt[0] and set(edits) <= learnt[1]:
+            new_rankings = not set(ids) <= set(run.data.get("ranking_ids", []))
+            new_edits = not set(edits) <= set(run.data.get("edit_conversation_ids", []))
+            if same_init and not new_rankings and not new_edits:
                 return StageResult(
                     "rm", "reused", version.id, version.path, run.id, note="no new rankings or edits"
                 )

@@ -540,18 +540,14 @@ def edit_records(session: Session, conversation_ids: Sequence[int]) -> Iterator[
             .order_by(Conversation.id)
         )
         for conversation in conversations:
-            by_id = {m.id: m for m in conversation.messages}
             for message in sorted(conversation.messages, key=lambda m: m.id):
                 suggestion = (message.extra or {}).get("suggestion")
-                if message.role != "assistant" or not suggestion or message.parent_id is None:
+                if message.role != "assistant" or not suggestion or message.parent is None:
                     continue
                 if str(suggestion.get("text", "")).strip() == message.content.strip():
                     continue
-                path = [by_id[message.parent_id]]
-                while path[-1].parent_id is not None:
-                    path.append(by_id[path[-1].parent_id])
                 yield RankingExample(
-                    prompt=as_chat(path[::-1], conversation.system_prompt),
+                    prompt=as_chat(path_to_root(session, message.parent), conversation.system_prompt),
                     completions=[message.content, str(suggestion["text"])],
                     ranking=[0, 1],
                     truncated=[] if suggestion.get("finished", True) else [1],
