@@ -56,6 +56,50 @@ def test_batched_seeded_sampling_equals_each_prompt_alone(model: PreTrainedModel
     assert _sample(model, PROMPTS[:1], SamplingParams(max_new_tokens=12, seed=99))[0] != batched[0]
 
 
+def test_rows_with_one_prompt_share_its_prefill_and_sample_as_alone(model: PreTrainedModel) -> None:
+    """K replies to one context (a comparison task) prefill it once; each row still samples as if alone."""
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[0], PROMPTS[0], PROMPTS[2]]
+    params = [SamplingParams(max_new_tokens=10, temperature=0.8, seed=s) for s in range(21, 26)]
+    widths: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: widths.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        batched = _sample(model, prompts, params)
+    finally:
+        hook.remove()
+    assert widths[0] == 2 and widths[1] == 5  # the prefill: the 2 distinct prompts; then one row per reply
+    for prompt, p, got in zip(prompts, params, batched, strict=True):
+        assert _sample(model, [prompt], p) == [got]
+    assert len({tuple(c.token_ids) for c in batched}) == 5  # the copies did not share a random stream
+
+
+def test_a_prefix_common_to_all_prompts_runs_once(model: PreTrainedModel) -> None:
+    """A chat template's system prompt, say: one pass of one row, then every prompt's own tokens after it
+    (padding between the two); greedy and seeded replies are those of each prompt alone."""
+    system = [1, 9690, 198, 2683, 314, 253, 1345, 28, 418, 7]
+    prompts = [system + [4093, 198], system + [17535, 30, 2683], system + [5]]
+    shapes: list[tuple[int, ...]] = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        for params in (
+            SamplingParams(max_new_tokens=8, temperature=0),
+            [SamplingParams(max_new_tokens=8, temperature=0.8, seed=s) for s in (1, 2, 3)],
+        ):
+            shapes.clear()
+            batched = _sample(model, prompts, params)
+            assert shapes[:3] == [(1, 10), (3, 3), (3, 1)]  # the prefix, the rest of each prompt, a token
+            alone = [
+                _sample(model, [p], params if isinstance(params, SamplingParams) else params[i])[0]
+                for i, p in enumerate(prompts)
+            ]
+            assert batched == alone
+    finally:
+        hook.remove()
+
+
 def test_greedy_equals_hf_generate(model: PreTrainedModel) -> None:
     ours = _sample(model, PROMPTS, SamplingParams(max_new_tokens=10, temperature=0))
     width = max(map(len, PROMPTS))

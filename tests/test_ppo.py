@@ -305,3 +305,36 @@ def test_bad_configurations_fail_clearly(tiny_model_dir: Path) -> None:
         load_ppo_models(
             cfg, load_tokenizer(tiny_model_dir), make_accelerator(cfg, gradient_accumulation_steps=1)
         )
+
+
+def test_the_frozen_trunk_runs_once_per_step_and_changes_no_number(
+    tiny_model_dir: Path, tiny_rm_dir: Path
+) -> None:
+    """With the bottom block frozen, policy and reference share it, and so do value and reward model: their
+    bottom block runs once per pass of a step's rollouts, and every metric and weight stays the same."""
+    options: dict[str, object] = dict(reward_model=str(tiny_rm_dir), trainable_layers=1)
+    cached = make_trainer(config(tiny_model_dir, **options), reward_fn=None)
+    plain = make_trainer(config(tiny_model_dir, **options, frozen_trunk_cache=False), reward_fn=None)
+    assert plain.trunk is None and cached.trunk is not None
+    trunks = cached.trunk._trunks
+    assert trunks[id(cached.policy)] == trunks[id(cached.ref)]
+    assert trunks[id(cached.value)] == trunks[id(cached.reward)]
+    assert trunks[id(cached.policy)] != trunks[id(cached.value)]  # other weights: not shared
+
+    bottom = [0, 0]  # computations of the policy's bottom block: cached, plain
+    for i, trainer in enumerate((cached, plain)):
+        block = trainer.policy.model.layers[0].mlp  # runs only when the block computes
+        block.register_forward_hook(lambda *_, i=i: bottom.__setitem__(i, bottom[i] + 1))
+    for _ in range(2):
+        a, b = cached.step(), plain.step()
+        for key in ("score", "kl", "policy_loss", "value_loss", "approx_kl", "entropy", "clip_frac"):
+            assert a[key] == b[key], key
+    for p, q in zip(
+        [*cached.policy.parameters(), *cached.value.parameters()],
+        [*plain.policy.parameters(), *plain.value.parameters()],
+        strict=True,
+    ):
+        assert torch.equal(p, q)
+    # plain: the sampler's steps plus every training pass; cached: the sampler and the shared prefix only
+    assert cached.trunk.hits >= 2 * 2 * cached.config.ppo_epochs  # steps x (policy, value) x epochs
+    assert bottom[0] < bottom[1]

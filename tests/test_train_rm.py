@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -279,3 +282,39 @@ def test_reference_demonstrations_define_reward_zero(tiny_model_dir: Path, tmp_p
     assert float(scores.mean()) == pytest.approx(0.0, abs=1e-4)
     summary = json.loads((tmp_path / "rm" / "metrics.json").read_text())
     assert summary["reference_replies"] == 5 and "heldout_accuracy" not in summary
+
+
+def test_later_epochs_start_above_the_frozen_trunk_and_train_the_same_model(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the bottom block frozen, epochs 2 and 3 reuse what left it in epoch 1, in other batches: every
+    pass of theirs starts above it, and the model trained is the one a plain run trains."""
+    rankings = _marker_rankings(48, seed=2)
+
+    def train(cache: bool, out: Path) -> dict[str, torch.Tensor]:
+        config = RewardConfig(
+            model=str(tiny_model_dir),
+            out=out,
+            lr=1e-3,
+            batch_size=8,
+            micro_batch_size=4,
+            epochs=3,
+            trainable_layers=1,
+            frozen_trunk_cache=cache,
+            heldout_fraction=0.0,
+            precision="fp32",
+            progress=False,
+            checkpoint_every=0,
+        )
+        return load_file(train_reward_model(config, rankings) / "model.safetensors")
+
+    with caplog.at_level(logging.INFO, logger="dialoop.train.reward"):
+        cached = train(True, tmp_path / "cached")
+    found = re.search(r"frozen trunk: (\d+) passes started above it, (\d+) ran it", caplog.text)
+    assert found is not None
+    hits, misses = int(found[1]), int(found[2])
+    assert misses == 48 // 4 and hits == 2 * misses  # epoch 1 ran the trunk for every micro-batch, once
+    plain = train(False, tmp_path / "plain")
+    assert cached.keys() == plain.keys()
+    for name, weight in plain.items():
+        torch.testing.assert_close(cached[name], weight, atol=2e-5, rtol=1e-4)

@@ -71,6 +71,7 @@ class PPOBenchConfig:
     steps: int = 3
     threads: int = 2  # CPU threads (torch and OpenMP)
     lora_r: int = 0
+    trainable_layers: int = 0  # train only the top N blocks (0: all, as TRL's harness)
     fused_value_pass: bool = False  # see PPOConfig: one pass fewer, more memory
     seed: int = 0
 
@@ -162,6 +163,7 @@ def bench_ppo(cfg: PPOBenchConfig) -> dict[str, Any]:
             max_steps=cfg.warmup + cfg.steps,
             precision=cfg.precision,
             lora_r=cfg.lora_r,
+            trainable_layers=cfg.trainable_layers,
             fused_value_pass=cfg.fused_value_pass,
             seed=cfg.seed,
             num_threads=cfg.threads,

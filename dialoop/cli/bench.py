@@ -81,6 +81,9 @@ def bench_ppo_command(
     steps: int = typer.Option(3, "--steps", help="Timed steps (the median is reported)."),
     threads: int = typer.Option(2, "--threads", help="CPU threads."),
     lora_r: int = typer.Option(0, "--lora-r", help="LoRA rank (0: full fine-tuning, as TRL's harness)."),
+    trainable_layers: int = typer.Option(
+        0, "--trainable-layers", help="Train only the top N transformer blocks (0: all, as TRL's harness)."
+    ),
     fused_value_pass: bool = typer.Option(
         False, "--fused-value-pass/--no-fused-value-pass", help="Old values from the first training pass."
     ),
@@ -105,6 +108,7 @@ def bench_ppo_command(
         steps=steps,
         threads=threads,
         lora_r=lora_r,
+        trainable_layers=trainable_layers,
         fused_value_pass=fused_value_pass,
         seed=seed,
     )

@@ -67,4 +67,6 @@ def sample_for(
         p.validate()
     if not contexts:
         return []
-    return generate_replies(handle.model, handle.tokenizer, contexts, list(params))
+    # wide batches: a decoding step's matmuls use the CPU better with more rows (64 rows took about 30%
+    # less time per reply than 16 on a 2-core CPU), and the rows of one context share its prefill
+    return generate_replies(handle.model, handle.tokenizer, contexts, list(params), batch_size=64)

@@ -125,20 +125,27 @@ def sample_replies(
     prompts: Sequence[Prompt],
     config: EvalConfig,
     *,
-    offset: int = 0,
+    copies: int = 1,
     advance: Any = None,
-) -> list[Reply]:
-    """One reply per prompt, row i with `config.sampling(i, offset)`, in batches of `config.batch_size`."""
-    replies: list[Reply] = []
-    for start in range(0, len(prompts), config.batch_size):
-        chunk = prompts[start : start + config.batch_size]
-        params = [config.sampling(start + i, offset) for i in range(len(chunk))]
-        replies += generate_replies(
-            model, tokenizer, [_chat(p) for p in chunk], params, batch_size=config.batch_size
+) -> list[list[Reply]]:
+    """`copies` replies per prompt, copy k of row i with `config.sampling(i, k)`; returns one list of replies
+    per copy. The copies of a prompt sit in one batch of `config.batch_size` rows: they share its prefill."""
+    rows = [(i, k) for i in range(len(prompts)) for k in range(copies)]
+    out: list[list[Reply]] = [[] for _ in range(copies)]
+    for start in range(0, len(rows), config.batch_size):
+        chunk = rows[start : start + config.batch_size]
+        replies = generate_replies(
+            model,
+            tokenizer,
+            [_chat(prompts[i]) for i, _ in chunk],
+            [config.sampling(i, k) for i, k in chunk],
+            batch_size=config.batch_size,
         )
+        for (_, k), reply in zip(chunk, replies, strict=True):
+            out[k].append(reply)
         if advance is not None:
             advance(len(chunk))
-    return replies
+    return out
 
 
 def _score(prompts: Sequence[Prompt], replies: Sequence[Reply]) -> tuple[list[float], list[float]]:
@@ -169,11 +176,9 @@ def sample_models(
         last = spec is models[-1]
         total = len(prompts) * (1 + (extra_rows if last else 0))
         with stage_progress(f"eval {spec.name}", total, enabled=config.progress) as advance:
-            replies = sample_replies(model, tokenizer, prompts, config, advance=advance)
-            extra = [
-                sample_replies(model, tokenizer, prompts, config, offset=k + 1, advance=advance)
-                for k in range(extra_rows if last else 0)
-            ]
+            replies, *extra = sample_replies(
+                model, tokenizer, prompts, config, copies=1 + (extra_rows if last else 0), advance=advance
+            )
         gold, passed = _score(prompts, replies)
         kl: list[float] | None = None
         if spec.name == reference:

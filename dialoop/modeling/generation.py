@@ -157,6 +157,21 @@ def sample(
     return completions
 
 
+MIN_SHARED_PREFIX = 8  # shorter common prefixes are not worth a forward pass of their own
+
+
+def _shared_prefix_len(prompts: Sequence[tuple[int, ...]]) -> int:
+    """Leading tokens common to all `prompts` (2 or more), short of the shortest one's last token (each row
+    needs a token of its own to predict from); 0 when fewer than MIN_SHARED_PREFIX."""
+    if len(prompts) < 2:
+        return 0
+    limit = min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
 def _decode(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -174,21 +189,34 @@ def _decode(
         i: torch.Generator().manual_seed(p.seed) for i, p in enumerate(row_params) if p.seed is not None
     }
 
-    width = max(len(prompts[i]) for i in active)
-    input_ids = torch.full((len(active), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(active), width), dtype=torch.long)
-    for r, i in enumerate(active):
-        input_ids[r, width - len(prompts[i]) :] = torch.tensor(list(prompts[i]), dtype=torch.long)
-        attention_mask[r, width - len(prompts[i]) :] = 1
-    # positions count real tokens only, so a left-padded row sees the positions it would see alone
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    # rows with the same prompt (K replies to one context, several suggestions) share one prefill: it runs
+    # on the distinct prompts, then each row gets a copy of its prompt's keys, values and last logits
+    distinct: dict[tuple[int, ...], int] = {}
+    copies = [distinct.setdefault(tuple(prompts[i]), len(distinct)) for i in active]
+    cache = _new_cache(model)
+    cache_kwarg = _cache_kwarg(model)
+    # the tokens every distinct prompt starts with (a chat template's system prompt) run once, for all rows
+    shared = _shared_prefix_len(list(distinct))
+    if shared:
+        prefix = torch.tensor([next(iter(distinct))[:shared]], dtype=torch.long, device=device)
+        model(input_ids=prefix, use_cache=True, logits_to_keep=1, **{cache_kwarg: cache})
+        cache.batch_repeat_interleave(len(distinct))
+    # the rest of each prompt, left-padded after the prefix: padding sits between the two, masked out
+    width = max(len(p) for p in distinct) - shared
+    input_ids = torch.full((len(distinct), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(distinct), shared + width), dtype=torch.long)
+    attention_mask[:, :shared] = 1
+    for r, prompt in enumerate(distinct):
+        rest = prompt[shared:]
+        input_ids[r, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+        attention_mask[r, shared + width - len(rest) :] = 1
+    # positions count real tokens only, so a padded row sees the positions it would see alone
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)[:, shared:]
     input_ids, attention_mask, position_ids = (
         t.to(device) for t in (input_ids, attention_mask, position_ids)
     )
     temperature = torch.tensor([row_params[i].temperature for i in active], device=device)
     top_p = torch.tensor([row_params[i].top_p for i in active], device=device)
-    cache = _new_cache(model)
-    cache_kwarg = _cache_kwarg(model)
 
     while True:
         out = model(
@@ -199,6 +227,11 @@ def _decode(
             logits_to_keep=1,
             **{cache_kwarg: cache},
         )
+        logits = out.logits[:, -1, :]
+        if logits.shape[0] < len(active):  # after a shared prefill: one row per reply from here on
+            index = torch.tensor(copies, dtype=torch.long, device=device)
+            cache.batch_select_indices(index)
+            logits, attention_mask, position_ids = logits[index], attention_mask[index], position_ids[index]
         draws = []
         for i in active:
             g = seeded.get(i, generator)
@@ -207,7 +240,7 @@ def _decode(
                 0.0 if greedy else float(torch.rand((), generator=g, device=g.device if g else None))
             )
         uniforms = torch.tensor(draws, device=device)
-        tokens = _pick_tokens(out.logits[:, -1, :], temperature, top_p, uniforms).tolist()
+        tokens = _pick_tokens(logits, temperature, top_p, uniforms).tolist()
 
         step: list[int | None] = [None] * n
         keep: list[int] = []

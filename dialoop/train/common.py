@@ -58,6 +58,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, parse_flag_from_env
 
 from dialoop.train.config import PRECISIONS, TrainConfig
+from dialoop.train.trunk import input_embeddings, transformer_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -552,17 +553,13 @@ def freeze_lower_layers(model: torch.nn.Module, trainable_layers: int) -> None:
     """
     if trainable_layers <= 0:
         return
-    config = getattr(model, "config", None)
-    n_layers = getattr(config, "num_hidden_layers", None)
-    blocks = next(
-        (m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers), None
-    )
+    blocks = transformer_blocks(model)
     if blocks is None:
+        n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
         raise ValueError(f"cannot find the {n_layers} transformer blocks of {type(model).__name__}")
     if trainable_layers >= len(blocks):
         return
-    get_embeddings = getattr(model, "get_input_embeddings", None)
-    embeddings = get_embeddings() if callable(get_embeddings) else None
+    embeddings = input_embeddings(model)
     frozen = {id(p) for block in blocks[: len(blocks) - trainable_layers] for p in block.parameters()}
     if embeddings is not None:
         frozen |= {id(p) for p in embeddings.parameters()}

@@ -130,6 +130,14 @@ class RewardConfig(TrainConfig):
     trainable_layers: int = field(
         default=8, metadata={"help": "Train only the top N transformer blocks (+ norm, head); 0: all."}
     )
+    frozen_trunk_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "With --trainable-layers, keep what leaves the frozen bottom blocks for every ranking "
+            "from the first epoch and start later epochs above them: the same model for less compute, at "
+            "rankings x tokens x hidden size floats of memory."
+        },
+    )
     heldout_fraction: float = field(
         default=0.1, metadata={"help": "Fraction of rankings held out to measure accuracy."}
     )

@@ -88,6 +88,7 @@ from dialoop.train.rollout import (
     reward_model_scores,
     scatter_replies,
 )
+from dialoop.train.trunk import TrunkCache, frozen_depth
 
 __all__ = ["PPOConfig", "PPOModels", "PPOTrainer", "load_ppo_models", "load_prompts", "train_ppo"]
 
@@ -269,19 +270,26 @@ class PolicyPass(torch.nn.Module):
     only one model's activations are alive at a time.
     """
 
-    def __init__(self, policy: torch.nn.Module) -> None:
+    def __init__(self, policy: torch.nn.Module, trunk: TrunkCache | None = None) -> None:
         super().__init__()
         self.policy = policy
+        self.trunk = trunk
 
     def forward(
-        self, exp: Experience, temperature: float, ptx_batch: dict[str, Tensor] | None = None
+        self,
+        exp: Experience,
+        temperature: float,
+        ptx_batch: dict[str, Tensor] | None = None,
+        entropy: bool = False,
     ) -> dict[str, Tensor]:
-        logits = reply_logits(self.policy, exp)
+        """`entropy`: also the entropy summed over reply tokens (a full-vocabulary pass of its own)."""
+        logits = reply_logits(self.policy, exp, self.trunk)
         rows, steps = reply_token_index(exp)
         logprobs = token_logprobs(logits, exp.response_ids[rows, steps], temperature)
         out = {"logprobs": scatter_replies(logprobs, exp)}
-        with torch.no_grad():
-            out["entropy_sum"] = entropy_from_logits(logits, temperature).sum()
+        if entropy:
+            with torch.no_grad():
+                out["entropy_sum"] = entropy_from_logits(logits, temperature).sum()
         if ptx_batch is not None:
             from dialoop.train.sft import causal_lm_loss
 
@@ -292,12 +300,13 @@ class PolicyPass(torch.nn.Module):
 class ValuePass(torch.nn.Module):
     """The value model's training forward: the value before each reply token [B, R]."""
 
-    def __init__(self, value: torch.nn.Module) -> None:
+    def __init__(self, value: torch.nn.Module, trunk: TrunkCache | None = None) -> None:
         super().__init__()
         self.value = value
+        self.trunk = trunk
 
     def forward(self, exp: Experience) -> Tensor:
-        return response_values(self.value, exp)
+        return response_values(self.value, exp, self.trunk)
 
 
 class TrainedPair(torch.nn.Module):
@@ -450,7 +459,9 @@ class PPOTrainer:
                 "LoRA (--lora-r) does not run under FSDP or DeepSpeed: use DDP, or full fine-tuning"
             )
         self.sampler = self._make_sampler(models.policy)  # before sharding: a whole copy
-        policy_pass, value_pass = PolicyPass(models.policy), ValuePass(models.value)
+        self.trunk = self._trunk_cache(models)
+        policy_pass = PolicyPass(models.policy, self.trunk)
+        value_pass = ValuePass(models.value, self.trunk)
         trained = torch.nn.ModuleList([policy_pass, value_pass])
         optimizer, self.scheduler = make_optimizer(config, trained, updates)
         use_fused_adamw(optimizer)
@@ -504,6 +515,20 @@ class PPOTrainer:
             )
         return rows
 
+    def _trunk_cache(self, models: PPOModels) -> TrunkCache | None:
+        """The frozen bottom blocks of policy and reference, and of value and reward model, run once per
+        batch of a step (`TrunkCache`); None when nothing is frozen, or under FSDP, DeepSpeed and gradient
+        checkpointing."""
+        config = self.config
+        if not config.frozen_trunk_cache or self.sharded or config.gradient_checkpointing:
+            return None
+        trunk = TrunkCache()
+        for trained, frozen in ((models.policy, models.ref), (models.value, models.reward)):
+            depth = frozen_depth(trained)
+            if trunk.add(trained, depth) and isinstance(frozen, torch.nn.Module):
+                trunk.add(frozen, depth, like=trained)
+        return trunk
+
     def _make_sampler(self, policy: torch.nn.Module) -> torch.nn.Module | None:
         """A frozen copy of a fully trained policy, in the compute dtype, to sample from (None: sample from
         the policy itself). Call before the policy is prepared.
@@ -535,8 +560,11 @@ class PPOTrainer:
         if self.sharded:
             order = sorted(rows, key=lambda r: -lengths[r])
             return [order[i : i + max_rows] for i in range(0, len(order), max_rows)]
+        # in index order: the same rows make the same passes whatever order an epoch visits them in, which
+        # lets a pass reuse the frozen trunk's output of an earlier one (`TrunkCache` keys on token ids)
+        rows = sorted(rows)
         groups = length_buckets([lengths[r] for r in rows], max_rows, self.pass_overhead_tokens)
-        return [[rows[i] for i in group] for group in groups]
+        return [sorted(rows[i] for i in group) for group in groups]
 
     # --- checkpoints ---
 
@@ -582,6 +610,8 @@ class PPOTrainer:
         self._score(exp)
         t2 = time.perf_counter()
         stats = self._learn(exp)
+        if self.trunk is not None:
+            self.trunk.clear()  # the next step's rollouts are new token ids
         t3 = time.perf_counter()
 
         self.kl_ctl.update(stats["kl"], config.batch_size)
@@ -626,7 +656,7 @@ class PPOTrainer:
             idx = torch.tensor(rows, device=acc.device)
             # frozen models are stored in the compute dtype; LoRA views and fp32 master weights need autocast
             if isinstance(self.reward, torch.nn.Module):
-                raw[idx] = reward_model_scores(self.reward, part)
+                raw[idx] = reward_model_scores(self.reward, part, self.trunk)
             elif self.reward is None:
                 with acc.autocast(), self.value.disable_adapter():  # type: ignore[operator]
                     raw[idx] = reward_model_scores(self.value, part)
@@ -636,7 +666,9 @@ class PPOTrainer:
                         "ref_logprobs", rows, response_logprobs(self.policy, part, config.temperature)
                     )
             else:
-                exp.put_rows("ref_logprobs", rows, response_logprobs(self.ref, part, config.temperature))
+                exp.put_rows(
+                    "ref_logprobs", rows, response_logprobs(self.ref, part, config.temperature, self.trunk)
+                )
             with acc.autocast():
                 if not self.fused_values:
                     exp.put_rows("old_values", rows, value_pass(part))
@@ -713,7 +745,9 @@ class PPOTrainer:
         losses: list[Tensor] = []
         if fused:
             outs = [
-                self.policy_pass(exp.rows(b), config.temperature, ptx if k == len(buckets) - 1 else None)
+                self.policy_pass(
+                    exp.rows(b), config.temperature, ptx if k == len(buckets) - 1 else None, entropy=True
+                )
                 for k, b in enumerate(buckets)
             ]
             values = [self.value_pass(exp.rows(b)) for b in buckets] if self.fused_values else []
@@ -744,7 +778,7 @@ class PPOTrainer:
             # gradients are exchanged once per update, with the last pass
             with acc.no_sync(self.policy_pass) if not last else nullcontext():
                 part = exp.rows(b)
-                out = self.policy_pass(part, config.temperature, ptx if last else None)
+                out = self.policy_pass(part, config.temperature, ptx if last else None, entropy=epoch == 0)
                 loss = self._policy_loss(part, out, n_tokens, totals, epoch)
                 acc.backward(loss * acc.num_processes)
             losses.append(loss.detach())

@@ -51,6 +51,14 @@ class PPOConfig(TrainConfig):
             "batch and the batch is one mini-batch, the first policy pass also gives the old log-probs."
         },
     )
+    frozen_trunk_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "With --trainable-layers, run the frozen bottom blocks once per batch of a step and "
+            "reuse their output in every epoch, and between policy and reference, value and reward model "
+            "(the same weights): the same numbers for less compute; one hidden-state tensor per batch."
+        },
+    )
     fused_value_pass: bool = field(
         default=False,
         metadata={

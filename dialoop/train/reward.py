@@ -20,14 +20,16 @@ import logging
 import random
 import time
 from collections.abc import Collection, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from transformers import PreTrainedModel
 
 from dialoop.formats.pairs import ordered_pairs
@@ -50,6 +52,7 @@ from dialoop.train.config import RewardConfig
 from dialoop.train.data import split_heldout
 from dialoop.train.loop import finish_checkpoints, fit
 from dialoop.train.metrics import MetricsLogger
+from dialoop.train.trunk import TrunkCache, frozen_depth
 
 logger = logging.getLogger(__name__)
 
@@ -239,9 +242,10 @@ def _collate_rows(
 class RankingScorer(torch.nn.Module):
     """What training wraps (DDP/FSDP): the RM's backbone and head, with scores read at given positions."""
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, trunk: TrunkCache | None = None) -> None:
         super().__init__()
         self.model = model
+        self.trunk = trunk
         # FSDP's auto-wrap policy looks for the transformer block classes here, and accelerate for the hidden
         # size (DeepSpeed configs with "auto" bucket sizes) in `config`
         self._no_split_modules = getattr(model, "_no_split_modules", None)
@@ -258,7 +262,9 @@ class RankingScorer(torch.nn.Module):
         position_ids: torch.Tensor,
         score_rows: torch.Tensor,
         score_cols: torch.Tensor,
+        trunk_rows: tuple[list[bytes], list[int]] | None = None,
     ) -> torch.Tensor:
+        """`trunk_rows`: each row's `TrunkCache` key and real length (`_trunk_rows`)."""
         if attention_mask.dim() == 4 and self.model.config._attn_implementation == "eager":
             # eager attention adds its mask to the scores: a boolean mask must become 0 / -inf
             blocked = torch.finfo(torch.float32).min
@@ -266,9 +272,15 @@ class RankingScorer(torch.nn.Module):
                 ~attention_mask, blocked
             )
         backbone = getattr(self.model, self.model.base_model_prefix)
-        hidden = backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
+        reuse = (
+            self.trunk.reuse(self.model, *trunk_rows)
+            if self.trunk is not None and trunk_rows is not None
+            else nullcontext()
+        )
+        with reuse:
+            hidden = backbone(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
         head = getattr(self.model, "score")  # noqa: B009 (the attribute is typed Tensor | Module)
         return head(hidden[score_rows, score_cols]).squeeze(-1).float()
 
@@ -284,7 +296,18 @@ def score_groups(
     rows, where = _rows(groups, share_prompt)
     batch = _collate_rows(rows, pad_id, share_prompt, device)
     index = torch.tensor(where, device=device)
-    return scorer(**batch, score_rows=index[:, 0], score_cols=index[:, 1])
+    trunk_rows = _trunk_rows(rows, share_prompt)
+    return scorer(**batch, score_rows=index[:, 0], score_cols=index[:, 1], trunk_rows=trunk_rows)
+
+
+def _trunk_rows(rows: Sequence[_Row], share_prompt: bool) -> tuple[list[bytes], list[int]]:
+    """Each row's `TrunkCache` key: what decides what its tokens see (ids, positions, groups, segments, and
+    the kind of mask), and its real length."""
+    keys = [
+        bytes([share_prompt]) + np.array([r.ids, r.positions, r.group, r.segment], dtype=np.int64).tobytes()
+        for r in rows
+    ]
+    return keys, [len(r.ids) for r in rows]
 
 
 def ranking_tensors(
@@ -385,6 +408,11 @@ def train_reward_model(
     freeze_lower_layers(hf_model, config.trainable_layers)
     if config.gradient_checkpointing:
         hf_model.gradient_checkpointing_enable()
+    trunk = None
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if config.frozen_trunk_cache and not (config.gradient_checkpointing or sharded):
+        trunk = TrunkCache()
+        trunk.add(hf_model, frozen_depth(hf_model))
     share = config.share_prompt
     if share and hf_model.config._attn_implementation not in ("sdpa", "eager"):
         logger.warning(
@@ -407,7 +435,7 @@ def train_reward_model(
     model, state = fit(
         config,
         accelerator,
-        RankingScorer(hf_model),
+        RankingScorer(hf_model, trunk),
         encoded,
         loss_fn=loss_fn,
         weight_fn=lambda r: 1.0,
@@ -415,6 +443,9 @@ def train_reward_model(
         run_dir=run_dir,
         description="reward model",
     )
+    if trunk is not None:
+        logger.info("frozen trunk: %d passes started above it, %d ran it", trunk.hits, trunk.misses)
+        trunk.clear()
 
     summary: dict[str, Any] = {
         "stage": "rm",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch import Tensor
 from dialoop.modeling.generation import Completion
 from dialoop.modeling.heads import reward_bias
 from dialoop.train.ppo_math import token_logprobs
+from dialoop.train.trunk import TrunkCache
 
 MIN_SHARED_PREFIX = 8  # shorter shared prefixes are not worth a pass of their own
 
@@ -162,12 +164,23 @@ def _is_sharded(module: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in module.parameters())
 
 
-def backbone_states(model: Any, exp: Experience) -> tuple[Tensor, int]:
+def trunk_rows(exp: Experience, shared: int) -> tuple[list[bytes], list[int]]:
+    """Each row's `TrunkCache` key (its tokens and where its pass starts), and its real columns there."""
+    lengths = exp.lengths
+    keys = [
+        shared.to_bytes(4, "little") + exp.input_ids[i, :n].cpu().numpy().tobytes()
+        for i, n in enumerate(lengths)
+    ]
+    return keys, [n - shared for n in lengths]
+
+
+def backbone_states(model: Any, exp: Experience, trunk: TrunkCache | None = None) -> tuple[Tensor, int]:
     """Last hidden states of columns P..L-1 ([B, L-P, H]) and P, the length of the rows' shared prefix.
 
     The prefix runs once; the rows continue from its keys and values (so gradients flow into it once per
     row, as in a full forward). Right padding and causal attention: real tokens never see the padding after
-    them, so no mask is needed and positions are 0..n-1, as for each sequence alone.
+    them, so no mask is needed and positions are 0..n-1, as for each sequence alone. With `trunk`, the rows'
+    pass keeps (or reuses) what leaves the model's frozen bottom blocks.
     """
     hf = _hf_model(model)
     backbone = getattr(hf, hf.base_model_prefix)
@@ -175,15 +188,19 @@ def backbone_states(model: Any, exp: Experience) -> tuple[Tensor, int]:
     # ZeRO-3, where each call of a block gathers its weights with the other processes (rows of other prefixes)
     checkpointing = getattr(backbone, "gradient_checkpointing", False) and backbone.training
     shared = 0 if checkpointing or _is_sharded(backbone) else shared_prefix_len(exp)
+    reuse = trunk.reuse(hf, *trunk_rows(exp, shared)) if trunk is not None else nullcontext()
     if not shared:
-        return backbone(input_ids=exp.input_ids, use_cache=False).last_hidden_state, 0
+        with reuse:
+            return backbone(input_ids=exp.input_ids, use_cache=False).last_hidden_state, 0
     from transformers import DynamicCache
 
     cache = DynamicCache(config=hf.config)
     kwarg = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
     backbone(input_ids=exp.input_ids[:1, :shared], use_cache=True, **{kwarg: cache})
     cache.batch_repeat_interleave(len(exp))
-    out = backbone(input_ids=exp.input_ids[:, shared:], use_cache=True, **{kwarg: cache})
+    # the prefix (one row) runs in full, so every block's cache holds it; a skipped block's stays unread
+    with reuse:
+        out = backbone(input_ids=exp.input_ids[:, shared:], use_cache=True, **{kwarg: cache})
     return out.last_hidden_state, shared
 
 
@@ -193,10 +210,10 @@ def reply_token_index(exp: Experience) -> tuple[Tensor, Tensor]:
     return rows, steps
 
 
-def reply_logits(model: Any, exp: Experience) -> Tensor:
+def reply_logits(model: Any, exp: Experience, trunk: TrunkCache | None = None) -> Tensor:
     """[N, V] logits predicting the N real reply tokens (order of `reply_token_index`); the vocabulary
     projection runs on those columns only."""
-    hidden, shared = backbone_states(model, exp)
+    hidden, shared = backbone_states(model, exp, trunk)
     rows, steps = reply_token_index(exp)
     return _hf_model(model).get_output_embeddings()(hidden[rows, exp.prompt_lens[rows] - 1 + steps - shared])
 
@@ -209,10 +226,12 @@ def scatter_replies(values: Tensor, exp: Experience) -> Tensor:
     return out
 
 
-def response_logprobs(model: Any, exp: Experience, temperature: float) -> Tensor:
+def response_logprobs(
+    model: Any, exp: Experience, temperature: float, trunk: TrunkCache | None = None
+) -> Tensor:
     """[B, R] log-probs of the reply tokens under softmax(logits / temperature), the sampling distribution."""
     rows, steps = reply_token_index(exp)
-    logprobs = token_logprobs(reply_logits(model, exp), exp.response_ids[rows, steps], temperature)
+    logprobs = token_logprobs(reply_logits(model, exp, trunk), exp.response_ids[rows, steps], temperature)
     return scatter_replies(logprobs, exp)
 
 
@@ -221,18 +240,18 @@ def _score_head(model: Any, hidden: Tensor) -> Tensor:
     return _hf_model(model).score(hidden).squeeze(-1).float() - reward_bias(model)
 
 
-def response_values(value_model: Any, exp: Experience) -> Tensor:
+def response_values(value_model: Any, exp: Experience, trunk: TrunkCache | None = None) -> Tensor:
     """[B, R] value of the state before each reply token (`heads.per_token_values` at those columns)."""
-    hidden, shared = backbone_states(value_model, exp)
+    hidden, shared = backbone_states(value_model, exp, trunk)
     values = _score_head(value_model, hidden)
     steps = torch.arange(exp.response_ids.shape[1], device=values.device)
     cols = exp.prompt_lens.unsqueeze(1) - 1 + steps.unsqueeze(0) - shared
     return values.gather(1, cols.clamp(max=values.shape[1] - 1)) * exp.response_mask
 
 
-def reward_model_scores(reward_model: Any, exp: Experience) -> Tensor:
+def reward_model_scores(reward_model: Any, exp: Experience, trunk: TrunkCache | None = None) -> Tensor:
     """[B] reward of each prompt + reply, read at its last token (`heads.last_token_scores`)."""
-    hidden, shared = backbone_states(reward_model, exp)
+    hidden, shared = backbone_states(reward_model, exp, trunk)
     last = exp.attention_mask.sum(1) - 1 - shared
     return _score_head(reward_model, hidden[torch.arange(len(exp), device=hidden.device), last])
 
