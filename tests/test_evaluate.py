@@ -88,6 +88,39 @@ def test_kl_sums_per_token_log_ratios_whatever_the_padding(two_models: tuple[Pat
     assert any(abs(x) > 1e-3 for x in batched)  # two different random models do differ
 
 
+def test_kl_of_a_policy_trained_above_frozen_blocks_reuses_their_output(
+    two_models: tuple[Path, Path],
+) -> None:
+    """A policy whose top block differs from the reference's: its bottom block runs only on the prompts'
+    shared prefix, the rest starts from the reference's output, and the KL is what separate passes give."""
+    ref = load_causal_lm(two_models[0])
+    policy = load_causal_lm(two_models[0])
+    with torch.no_grad():
+        for p in policy.model.layers[1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    system = [1, 9690, 198, 2683, 314, 253, 1345, 28, 418]  # a shared prefix, like a system prompt's
+    prompts = [system + p[1:] for p in PROMPTS]
+    calls = {0: 0, 1: 0}
+    for i in calls:
+        policy.model.layers[i].mlp.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    got = sequence_kl(policy, ref, prompts, REPLIES, temperature=0.7, batch_size=3)
+    assert calls == {0: 1, 1: 2}  # the prefix pass, then only the top block on the rows' pass
+
+    with torch.no_grad():  # one full pass per model and sequence: the reference computation
+        expected = []
+        for prompt, reply in zip(prompts, REPLIES, strict=True):
+            ids, n = torch.tensor([prompt + reply.token_ids]), len(prompt)
+            logps = [
+                torch.log_softmax(m(input_ids=ids).logits[0, n - 1 : -1] / 0.7, -1)
+                .gather(1, torch.tensor(reply.token_ids).unsqueeze(1))
+                .sum()
+                for m in (policy, ref)
+            ]
+            expected.append(float(logps[0] - logps[1]))
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert any(abs(x) > 1e-3 for x in got)
+
+
 def test_report_card_of_models_with_a_reward_model(two_models: tuple[Path, Path], tmp_path: Path) -> None:
     rm_dir = tmp_path / "rm"
     torch.manual_seed(0)

@@ -78,7 +78,7 @@ def test_a_prefix_common_to_all_prompts_runs_once(model: PreTrainedModel) -> Non
     """A chat template's system prompt, say: one pass of one row, then every prompt's own tokens after it
     (padding between the two); greedy and seeded replies are those of each prompt alone."""
     system = [1, 9690, 198, 2683, 314, 253, 1345, 28, 418, 7]
-    prompts = [system + [4093, 198], system + [17535, 30, 2683], system + [5]]
+    prompts = [[*system, 4093, 198], [*system, 17535, 30, 2683], [*system, 5]]
     shapes: list[tuple[int, ...]] = []
     hook = model.register_forward_pre_hook(
         lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True

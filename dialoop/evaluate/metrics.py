@@ -13,6 +13,7 @@ import torch
 
 from dialoop.modeling.generation import Completion
 from dialoop.train.rollout import pack_rollouts, response_logprobs
+from dialoop.train.trunk import TrunkCache, shared_depth
 
 
 def mean(values: Sequence[float]) -> float:
@@ -80,6 +81,11 @@ def sequence_kl(
     device = next(policy.parameters()).device
     policy.eval()
     reference.eval()
+    # a policy trained above frozen blocks runs on the reference's output of those blocks
+    trunk = TrunkCache()
+    depth = shared_depth(policy, reference)
+    if trunk.add(reference, depth):
+        trunk.add(policy, depth, like=reference)
     out: list[float] = []
     for start in range(0, len(prompts), batch_size):
         exp = pack_rollouts(
@@ -89,6 +95,8 @@ def sequence_kl(
             pad_token_id,
             device,
         )
-        diff = response_logprobs(policy, exp, temperature) - response_logprobs(reference, exp, temperature)
+        ref = response_logprobs(reference, exp, temperature, trunk)
+        diff = response_logprobs(policy, exp, temperature, trunk) - ref
         out.extend(float(x) for x in (diff * exp.response_mask).sum(dim=1))
+        trunk.clear()
     return out

@@ -1,15 +1,19 @@
-"""The frozen trunk of a model: its bottom transformer blocks, run once per batch and reused.
+"""The frozen trunk of a model: its bottom transformer blocks, run once per row of tokens and reused.
 
-With `--trainable-layers N` only the top N blocks of the policy and value models learn. The blocks below
-them (and the embeddings) are the same weights at every PPO epoch, and the same weights as the bottom of
-the reference (for the policy) and of the reward model (for the value model, which starts as the reward
-model). A `TrunkCache` keeps the hidden states that leave the frozen bottom for each batch of token ids it
-has seen, and the next forward of any model of the same trunk on the same ids starts from them: the frozen
-blocks do not run again. The result is the same computation on the same numbers, so it changes no figure.
+With `--trainable-layers N` only the top N blocks learn. The blocks below them (and the embeddings) keep
+their weights through training, and they are the same weights as the bottom of the model training started
+from. A `TrunkCache` keeps the hidden states that leave the frozen bottom for every row of tokens it has
+seen, and a later forward of any model with the same trunk on rows it kept starts from them:
 
-A block that is skipped returns its input; the last frozen block returns the kept hidden states. Blocks
-that return anything but one tensor of their input's shape (older architectures return tuples) are not
-kept, and such models simply run in full.
+- PPO: the reference's pass keeps them for the policy, the reward model's for the value model (which starts
+  as the reward model), and every epoch of the step reuses them;
+- the reward model: its epochs after the first reuse the first epoch's, whatever the batches;
+- the report card: a policy's KL pass reuses the SFT model's.
+
+A skipped block returns its input; the last frozen block returns the kept states. Real tokens never see
+padding after them nor other rows, so a row's states do not depend on its batch, and a forward that starts
+from them computes what a full one computes. Blocks that return anything but one tensor (older
+architectures return tuples) are not kept: such models run in full.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dialoop.modeling.heads import BIAS_KEY
+
 # config entries that differ between a causal LM and a classifier built on the same backbone
 _HEAD_KEYS = frozenset(
-    {"architectures", "id2label", "label2id", "num_labels", "problem_type", "reward_bias", "pad_token_id"}
+    {"architectures", "id2label", "label2id", "num_labels", "problem_type", BIAS_KEY, "pad_token_id"}
 )
 
 
@@ -81,6 +87,26 @@ def same_trunk(a: torch.nn.Module, b: torch.nn.Module, depth: int) -> bool:
     return len(ta) == len(tb) and all(
         x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y) for x, y in zip(ta, tb, strict=True)
     )
+
+
+def shared_depth(a: torch.nn.Module, b: torch.nn.Module) -> int:
+    """How many bottom blocks `a` and `b` have in common (`same_trunk`): a policy trained above frozen
+    blocks and the model it started from, say."""
+    blocks_a, blocks_b = transformer_blocks(a), transformer_blocks(b)
+    if blocks_a is None or blocks_b is None or not same_trunk(a, b, 0):
+        return 0
+    depth = 0
+    for x, y in zip(blocks_a, blocks_b, strict=False):
+        tensors_x, tensors_y = [*x.parameters(), *x.buffers()], [*y.parameters(), *y.buffers()]
+        if type(x) is not type(y) or len(tensors_x) != len(tensors_y):
+            break
+        if not all(
+            u.dtype == v.dtype and u.shape == v.shape and torch.equal(u, v)
+            for u, v in zip(tensors_x, tensors_y, strict=True)
+        ):
+            break
+        depth += 1
+    return depth
 
 
 class TrunkCache:
