@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from dialoop.formats.records import ChatExample
+from dialoop.modeling import generation
 from dialoop.modeling.chat import encode_prompt
 from dialoop.modeling.generation import Completion
 from dialoop.modeling.heads import (
@@ -128,7 +129,7 @@ def test_shared_prefix_gives_the_gradients_of_full_passes(
         return [p.grad.clone() for p in policy.parameters() if p.grad is not None]
 
     shared = grads()
-    monkeypatch.setattr(rollout, "MIN_SHARED_PREFIX", 10**6)
+    monkeypatch.setattr(generation, "MIN_SHARED_PREFIX", 10**6)
     assert rollout.shared_prefix_len(exp) == 0
     for a, b in zip(shared, grads(), strict=True):
         assert float((a - b).norm()) <= 1e-6 * float(b.norm())

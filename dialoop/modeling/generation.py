@@ -160,9 +160,10 @@ def sample(
 MIN_SHARED_PREFIX = 8  # shorter common prefixes are not worth a forward pass of their own
 
 
-def _shared_prefix_len(prompts: Sequence[tuple[int, ...]]) -> int:
+def common_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
     """Leading tokens common to all `prompts` (2 or more), short of the shortest one's last token (each row
-    needs a token of its own to predict from); 0 when fewer than MIN_SHARED_PREFIX."""
+    needs a token of its own to predict from); 0 when fewer than MIN_SHARED_PREFIX. Sampling and PPO's
+    scoring run such a prefix once for all rows."""
     if len(prompts) < 2:
         return 0
     limit = min(len(p) for p in prompts) - 1
@@ -196,7 +197,7 @@ def _decode(
     cache = _new_cache(model)
     cache_kwarg = _cache_kwarg(model)
     # the tokens every distinct prompt starts with (a chat template's system prompt) run once, for all rows
-    shared = _shared_prefix_len(list(distinct))
+    shared = common_prefix_len(list(distinct))
     if shared:
         prefix = torch.tensor([next(iter(distinct))[:shared]], dtype=torch.long, device=device)
         model(input_ids=prefix, use_cache=True, logits_to_keep=1, **{cache_kwarg: cache})

@@ -21,12 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dialoop.modeling.generation import Completion
+from dialoop.modeling.generation import Completion, common_prefix_len
 from dialoop.modeling.heads import reward_bias
 from dialoop.train.ppo_math import token_logprobs
 from dialoop.train.trunk import TrunkCache
-
-MIN_SHARED_PREFIX = 8  # shorter shared prefixes are not worth a pass of their own
 
 # (prompt ids, reply ids without padding, its EOS included when it has one) -> one score per reply
 RewardFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], Sequence[float]]
@@ -146,14 +144,9 @@ def _hf_model(model: Any) -> Any:
 
 
 def shared_prefix_len(exp: Experience) -> int:
-    """Leading tokens common to every row, stopping before the shortest prompt's last token; 0 when fewer
-    than MIN_SHARED_PREFIX (or a single row)."""
-    limit = int(exp.prompt_lens.min()) - 1
-    if len(exp) < 2 or limit < MIN_SHARED_PREFIX:
-        return 0
-    differs = (exp.input_ids[:, :limit] != exp.input_ids[:1, :limit]).any(0)
-    n = int(differs.long().argmax()) if bool(differs.any()) else limit
-    return n if n >= MIN_SHARED_PREFIX else 0
+    """Leading prompt tokens common to every row (`common_prefix_len`)."""
+    lengths = exp.prompt_lens.tolist()
+    return common_prefix_len([exp.input_ids[i, :n].tolist() for i, n in enumerate(lengths)])
 
 
 def _is_sharded(module: torch.nn.Module) -> bool:
