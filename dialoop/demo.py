@@ -78,7 +78,8 @@ class DemoConfig:
 
 def demo_config(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = True) -> DemoConfig:
     """The demo's budgets: sized so the embedded default runs end to end in about 18 minutes on 2 idle cores
-    (see docs/demo.md for the measurements); `quick` runs every stage on a tiny model in seconds."""
+    with native bf16, about 33 on 2 cores that compute in fp32 only (docs/demo.md has the measurements);
+    `quick` runs every stage on a tiny model in seconds."""
     if quick:
         tokens = SamplingParams(max_new_tokens=8, temperature=1.0)
         return DemoConfig(
