@@ -560,8 +560,8 @@ class PPOTrainer:
         if self.sharded:
             order = sorted(rows, key=lambda r: -lengths[r])
             return [order[i : i + max_rows] for i in range(0, len(order), max_rows)]
-        # in index order: the same rows make the same passes whatever order an epoch visits them in, which
-        # lets a pass reuse the frozen trunk's output of an earlier one (`TrunkCache` keys on token ids)
+        # in index order: the same rows make the same passes (and so the same shared prefix, part of each
+        # row's `TrunkCache` key) whatever order an epoch visits them in
         rows = sorted(rows)
         groups = length_buckets([lengths[r] for r in rows], max_rows, self.pass_overhead_tokens)
         return [sorted(rows[i] for i in group) for group in groups]
