@@ -171,6 +171,42 @@ def test_report_card_of_models_with_a_reward_model(two_models: tuple[Path, Path]
     assert {(x["model"], x["sample"]) for x in lines if "gold" in x} == {("sft", 0), ("policy", 0)}
 
 
+def test_the_card_scores_each_reply_behind_a_shared_prompt_as_if_alone(
+    two_models: tuple[Path, Path],
+) -> None:
+    from dialoop.evaluate.card import reward_scores
+    from dialoop.modeling import Reply
+    from dialoop.modeling.heads import last_token_scores, set_reward_bias
+    from dialoop.sim.prompts import generate_prompts
+    from dialoop.train.reward import encode_reply, pad_right
+
+    tokenizer = load_tokenizer(two_models[0])
+    torch.manual_seed(0)
+    model = reward_model_from_lm(two_models[0]).eval()
+    set_reward_bias(model, 0.25)
+    prompts = generate_prompts(3, split="eval", seed=0)
+    texts = [
+        ["Sure, here it is.", "No.", "Yes"],
+        ["A much longer reply, with commas, and more words."],
+        ["ok", "OK!"],
+    ]
+    groups = [[Reply(t, finished=k != 1, token_ids=[]) for k, t in enumerate(group)] for group in texts]
+    config = EvalConfig(prompts=3, batch_size=2, rm_max_length=64, progress=False)
+    got = reward_scores(model, tokenizer, prompts, groups, config)
+
+    alone = [
+        encode_reply(tokenizer, [{"role": "user", "content": p.text}], r.text, 64, finished=r.finished)
+        for p, group in zip(prompts, groups, strict=True)
+        for r in group
+    ]
+    batch = pad_right(alone, int(tokenizer.pad_token_id), torch.device("cpu"))
+    with torch.no_grad():
+        expected = last_token_scores(model, batch["input_ids"], batch["attention_mask"]).tolist()
+    assert [len(g) for g in got] == [3, 1, 2]
+    assert [x for g in got for x in g] == pytest.approx(expected, abs=1e-5)
+    assert len({round(x, 4) for x in expected}) == len(expected)  # the replies score apart: order is checked
+
+
 def test_targets_read_the_card() -> None:
     report = {
         "models": [

@@ -33,11 +33,11 @@ from dialoop.modeling import (
     pad_token_id,
     pick_device,
 )
-from dialoop.modeling.heads import last_token_scores, load_reward_model
+from dialoop.modeling.heads import load_reward_model, reward_bias
 from dialoop.sim.gold import gold_report
 from dialoop.sim.prompts import Prompt, generate_prompts
 from dialoop.train.metrics import read_metrics
-from dialoop.train.reward import encode_reply, pad_right
+from dialoop.train.reward import RankingScorer, encode_candidates, score_all
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,6 @@ def sample_models(
     return [done[m.name] for m in models]
 
 
-@torch.no_grad()
 def reward_scores(
     reward_model: Any,
     tokenizer: Any,
@@ -210,28 +209,23 @@ def reward_scores(
     groups: Sequence[Sequence[Reply]],
     config: EvalConfig,
 ) -> list[list[float]]:
-    """The RM's score of each reply of each group, encoded exactly as the RM was trained (reply, and EOS
-    when the reply finished)."""
-    flat = [
-        encode_reply(tokenizer, _chat(p), r.text, config.rm_max_length, finished=r.finished)
+    """The RM's score of each reply of each group, each encoded alone exactly as the RM was trained (reply,
+    and EOS when the reply finished). The replies of a group sit behind one copy of their prompt and score
+    as if alone (`score_groups`)."""
+    encoded = [
+        [
+            encode_candidates(
+                tokenizer, _chat(p), [r.text], config.rm_max_length, () if r.finished else (0,)
+            )[0]
+            for r in group
+        ]
         for p, group in zip(prompts, groups, strict=True)
-        for r in group
     ]
-    pad = pad_token_id(tokenizer)
-    device = next(reward_model.parameters()).device
-    order = sorted(range(len(flat)), key=lambda i: len(flat[i]))  # similar lengths together: less padding
-    scores = [0.0] * len(flat)
-    for start in range(0, len(order), config.batch_size):
-        chunk = order[start : start + config.batch_size]
-        batch = pad_right([flat[i] for i in chunk], pad, device)
-        values = last_token_scores(reward_model, batch["input_ids"], batch["attention_mask"]).tolist()
-        for i, v in zip(chunk, values, strict=True):
-            scores[i] = float(v)
-    out, pos = [], 0
-    for group in groups:
-        out.append(scores[pos : pos + len(group)])
-        pos += len(group)
-    return out
+    raw = score_all(
+        None, RankingScorer(reward_model), encoded, pad_token_id(tokenizer), True, config.batch_size
+    )
+    bias = reward_bias(reward_model)
+    return [[score - bias for score in group] for group in raw]
 
 
 def reward_model_accuracy(

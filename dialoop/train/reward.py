@@ -328,15 +328,17 @@ def ranking_tensors(
 
 
 def score_all(
-    accelerator: Accelerator,
+    accelerator: Accelerator | None,
     scorer: torch.nn.Module,
     groups: Sequence[Sequence[tuple[list[int], list[int]]]],
     pad_id: int,
     share_prompt: bool,
     batch_size: int,
 ) -> list[list[float]]:
-    """Raw rewards of many groups without gradients, spread over the processes (every process gets all)."""
-    n_proc, rank = accelerator.num_processes, accelerator.process_index
+    """Raw rewards of many groups without gradients, spread over the processes (every process gets all);
+    without an `accelerator`, in this process on the scorer's device."""
+    n_proc, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
+    device = accelerator.device if accelerator else next(scorer.parameters()).device
     per_proc = -(-len(groups) // n_proc)
     mine = list(range(rank * per_proc, min(len(groups), (rank + 1) * per_proc)))
     # similar lengths together waste less compute on padding
@@ -348,7 +350,7 @@ def score_all(
         for b in range(n_batches):
             chunk = mine[b * batch_size : (b + 1) * batch_size]
             batch = [groups[i] for i in chunk] or [groups[0]]  # an idle process still joins the forward
-            flat = score_groups(scorer, batch, pad_id, share_prompt, accelerator.device).tolist()
+            flat = score_groups(scorer, batch, pad_id, share_prompt, device).tolist()
             offset = 0
             for i in chunk:
                 results.append((i, flat[offset : offset + len(groups[i])]))
