@@ -414,6 +414,9 @@ def _evaluate(
                 ppo_runs.append((it.iteration, Path(version.path)))
         rm_path = Path(session.get_one(ModelVersion, last.rm_version_id).path) if last.rm_version_id else None
         sft_name = sft.name
+        # the policy the last round's chats and comparison tasks were sampled from: the RM's newest rankings
+        served = iterations[-2].policy_version_id if len(iterations) > 1 else None
+        rm_policy = session.get_one(ModelVersion, served).name if served is not None else None
     report, samples = evaluate_models(
         specs,
         sft=sft_name,
@@ -421,6 +424,7 @@ def _evaluate(
         config=dataclasses.replace(config.eval, progress=config.progress),
         ppo_runs=ppo_runs,
         stage_seconds=seconds,
+        rm_policy=rm_policy,
     )
     report["seed"] = config.seed
     report["targets"] = targets(report, base="base", sft=sft_name, policy=specs[-1].name)

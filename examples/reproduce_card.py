@@ -9,8 +9,10 @@ labeling guide's gold scorer and the eval prompts (`dialoop.sim`: plain Python, 
 JSON object:
 
 - `gold_mean` per model and the policy's `win_rate_vs_sft`, recomputed from the samples;
-- `rm_accuracy`: the RM's pairwise accuracy against the gold order on the final policy's K replies per eval
-  prompt, each reply scored by `AutoModelForSequenceClassification` alone (batch of one: no padding);
+- `rm_accuracy`: the RM's pairwise accuracy against the gold order on the card's held-out comparisons (the K
+  replies per eval prompt of the model the card names, `reward_model.model`: in a demo, the policy the last
+  rankings were sampled from), each reply scored by `AutoModelForSequenceClassification` alone (batch of one:
+  no padding);
 - with `--resample`: the same prompts sampled anew from models/sft and models/policy with `generate` at the
   card's temperature and token budget (other random draws, so equal within sampling error, not exactly).
 """
@@ -116,7 +118,8 @@ def reproduce(demo_dir: Path, *, resample_models: bool = False) -> dict[str, Any
                for i, p in enumerate(prompts)]
         for name in names
     }  # fmt: skip
-    tasks = [[replies[policy][i][k] for k in sorted(replies[policy][i])] for i in range(len(prompts))]
+    compared = report["reward_model"]["model"]  # whose K replies per prompt are the RM's comparisons
+    tasks = [[replies[compared][i][k] for k in sorted(replies[compared][i])] for i in range(len(prompts))]
     task_gold = [
         [gold_score(p, r["reply"], finished=r["finished"]) for r in g]
         for p, g in zip(prompts, tasks, strict=True)

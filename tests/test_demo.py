@@ -66,6 +66,12 @@ def test_report_has_every_field(demo: tuple[Path, str]) -> None:
     assert report["models"][1]["kl_to_sft"] == 0.0 and report["models"][1]["win_rate_vs_sft"] == 0.5
     assert set(report["reward_model"]) >= {"path", "accuracy", "pairs", "candidates_per_prompt"}
     assert report["reward_model"]["path"].endswith("iter-3/rm")
+    # the RM's held-out comparisons: replies of the policy its newest rankings came from; and the final one's
+    assert (
+        report["reward_model"]["model"] == "policy-2" and report["reward_model"]["final_model"] == "policy-3"
+    )
+    lines = [json.loads(line) for line in (demo[0] / "samples.jsonl").read_text().splitlines()]
+    assert {x["model"] for x in lines if x["sample"] == 3} == {"policy-2", "policy-3"}
     assert [(p["iteration"], p["step"]) for p in report["ppo"]] == [(2, [1, 2]), (3, [1, 2])]
     assert set(report["targets"]) == {
         "gold_policy_gt_sft",

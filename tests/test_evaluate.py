@@ -207,6 +207,39 @@ def test_the_card_scores_each_reply_behind_a_shared_prompt_as_if_alone(
     assert len({round(x, 4) for x in expected}) == len(expected)  # the replies score apart: order is checked
 
 
+def test_the_rm_is_measured_on_the_replies_of_the_policy_its_rankings_came_from(
+    two_models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from dialoop.evaluate.card import eval_prompts, reward_scores
+    from dialoop.modeling.heads import load_reward_model
+    from dialoop.sim.gold import gold_score
+
+    rm_dir = tmp_path / "rm"
+    torch.manual_seed(0)
+    save_model_dir(reward_model_from_lm(two_models[0]), load_tokenizer(two_models[0]), rm_dir)
+    config = EvalConfig(prompts=6, max_new_tokens=6, batch_size=8, temperature=1.5, progress=False)
+    models = [ModelSpec("sft", two_models[0], 1), ModelSpec("policy", two_models[1], 2)]
+    with pytest.raises(ValueError, match="not among the models"):
+        evaluate_models(models, sft="sft", reward_model=rm_dir, config=config, rm_policy="policy-9")
+    report, samples = evaluate_models(models, sft="sft", reward_model=rm_dir, config=config, rm_policy="sft")
+
+    rm = report["reward_model"]
+    assert (rm["model"], rm["final_model"], rm["candidates_per_prompt"]) == ("sft", "policy", 4)
+    assert [len(s.extra) for s in samples] == [3, 3]  # K replies of both
+    prompts = eval_prompts(config)
+    reward_model = load_reward_model(rm_dir)
+    for s, key in ((samples[0], ""), (samples[1], "_final_model")):
+        tasks = [[s.replies[i]] + [e[i] for e in s.extra] for i in range(len(prompts))]
+        gold = [
+            [gold_score(p, r.text, finished=r.finished) for r in t]
+            for p, t in zip(prompts, tasks, strict=True)
+        ]
+        scores = reward_scores(reward_model, load_tokenizer(rm_dir), prompts, tasks, config)
+        expected, pairs = pair_accuracy(scores, gold)
+        assert rm[f"pairs{key}"] == pairs and pairs > 0
+        assert rm[f"accuracy{key}"] == pytest.approx(expected)
+
+
 def test_targets_read_the_card() -> None:
     report = {
         "models": [

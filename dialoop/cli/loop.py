@@ -62,7 +62,13 @@ def _print_card(report: dict[str, Any]) -> None:
     if rm:
         console.print(
             f"reward model accuracy vs gold order: {_fmt(rm['accuracy'], True)} on {rm['pairs']} pairs"
+            f" of {rm['model']}'s replies"
         )
+        if rm["final_model"] != rm["model"]:
+            console.print(
+                f"  on {rm['final_model']}'s replies: {_fmt(rm['accuracy_final_model'], True)}"
+                f" on {rm['pairs_final_model']} pairs"
+            )
     for name, met in (report.get("targets") or {}).items():
         console.print(f"  {'[green]met[/green]' if met else '[red]not met[/red]'}  {name}")
 

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,8 +159,11 @@ def sample_models(
     config: EvalConfig,
     *,
     reference: str | None = None,
+    compared: Collection[str] | None = None,
 ) -> list[ModelSamples]:
-    """Sample and gold-score every model; with a `reference` (a name in `models`), also its KL to it."""
+    """Sample and gold-score every model; with a `reference` (a name in `models`), also its KL to it.
+    The models named in `compared` (default: the last) also get K - 1 more replies per prompt, for the RM's
+    held-out comparisons."""
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise ValueError(f"model names on a card must be unique, got {names}")
@@ -169,15 +172,14 @@ def sample_models(
     ordered = sorted(models, key=lambda m: m.name != reference)  # the reference first: it stays loaded
     ref_model: Any = None
     done: dict[str, ModelSamples] = {}
-    extra_rows = config.rm_candidates - 1  # the last model's held-out comparison tasks: K replies per prompt
+    compared = {models[-1].name} if compared is None else set(compared)
     for spec in ordered:
         started = time.perf_counter()
         model, tokenizer = load_model_and_tokenizer(spec.path, dtype=inference_dtype(config.precision))
-        last = spec is models[-1]
-        total = len(prompts) * (1 + (extra_rows if last else 0))
-        with stage_progress(f"eval {spec.name}", total, enabled=config.progress) as advance:
+        copies = config.rm_candidates if spec.name in compared else 1
+        with stage_progress(f"eval {spec.name}", len(prompts) * copies, enabled=config.progress) as advance:
             replies, *extra = sample_replies(
-                model, tokenizer, prompts, config, copies=1 + (extra_rows if last else 0), advance=advance
+                model, tokenizer, prompts, config, copies=copies, advance=advance
             )
         gold, passed = _score(prompts, replies)
         kl: list[float] | None = None
@@ -229,36 +231,58 @@ def reward_scores(
 
 
 def reward_model_accuracy(
-    path: Path, prompts: Sequence[Prompt], samples: Sequence[ModelSamples], config: EvalConfig
+    path: Path,
+    prompts: Sequence[Prompt],
+    samples: Sequence[ModelSamples],
+    config: EvalConfig,
+    policy: str | None = None,
 ) -> dict[str, Any]:
     """Pairwise accuracy of the RM at `path` against the gold order on held-out comparisons.
 
-    `accuracy`: comparison tasks as trainers get them, K replies of the last model per eval prompt;
+    `accuracy`: held-out comparison tasks as trainers get them, K replies of `policy` (default: the last
+    model) per eval prompt; for an RM of the loop, `policy` is the one its newest rankings were sampled from,
+    so these are held-out rankings of what it learned from. `accuracy_final_model`: K replies of the last
+    model, which PPO may have pushed to where the RM is wrong (reward over-optimization).
     `accuracy_across_models`: the replies of the different models to each prompt."""
-    last = samples[-1]
-    tasks = [[last.replies[i]] + [extra[i] for extra in last.extra] for i in range(len(prompts))]
-    across = [[s.replies[i] for s in samples] for i in range(len(prompts))] if len(samples) > 1 else []
-    groups = tasks + across
-    gold = [
-        [gold_report(p, r.text, finished=r.finished).score for r in group]
-        for p, group in zip([*prompts, *prompts[: len(across)]], groups, strict=True)
-    ]
+    by_name = {s.spec.name: s for s in samples}
+    held, last = by_name[policy or samples[-1].spec.name], samples[-1]
+
+    def tasks_of(s: ModelSamples) -> list[list[Reply]]:
+        return [[s.replies[i]] + [extra[i] for extra in s.extra] for i in range(len(prompts))]
+
+    sets = {"held": tasks_of(held)}
+    if last is not held:
+        sets["final"] = tasks_of(last)
+    if len(samples) > 1:
+        sets["across"] = [[s.replies[i] for s in samples] for i in range(len(prompts))]
     started = time.perf_counter()
     model = load_reward_model(path, dtype=inference_dtype(config.precision))
     tokenizer = load_tokenizer(path)
-    predicted = reward_scores(model, tokenizer, [*prompts, *prompts[: len(across)]], groups, config)
+    groups = [group for tasks in sets.values() for group in tasks]
+    predicted = reward_scores(model, tokenizer, [p for _ in sets for p in prompts], groups, config)
     del model
-    accuracy, pairs = pair_accuracy(predicted[: len(tasks)], gold[: len(tasks)])
-    across_accuracy, across_pairs = pair_accuracy(predicted[len(tasks) :], gold[len(tasks) :])
+    results, offset = {}, 0
+    for name, tasks in sets.items():
+        gold = [
+            [gold_report(p, r.text, finished=r.finished).score for r in group]
+            for p, group in zip(prompts, tasks, strict=True)
+        ]
+        results[name] = pair_accuracy(predicted[offset : offset + len(tasks)], gold)
+        offset += len(tasks)
+    final = results.get("final", results["held"])
+    across = results.get("across", (math.nan, 0))
     return {
         "path": str(path),
-        "accuracy": accuracy,
-        "pairs": pairs,
+        "accuracy": results["held"][0],
+        "pairs": results["held"][1],
         "prompts": len(prompts),
-        "candidates_per_prompt": len(tasks[0]) if tasks else 0,
-        "model": last.spec.name,
-        "accuracy_across_models": across_accuracy,
-        "pairs_across_models": across_pairs,
+        "candidates_per_prompt": len(sets["held"][0]) if prompts else 0,
+        "model": held.spec.name,
+        "accuracy_final_model": final[0],
+        "pairs_final_model": final[1],
+        "final_model": last.spec.name,
+        "accuracy_across_models": across[0],
+        "pairs_across_models": across[1],
         "seconds": round(time.perf_counter() - started, 2),
     }
 
@@ -305,8 +329,10 @@ def evaluate_models(
     config: EvalConfig | None = None,
     ppo_runs: Sequence[tuple[int | None, Path]] = (),
     stage_seconds: Mapping[str, float] | None = None,
+    rm_policy: str | None = None,
 ) -> tuple[dict[str, Any], list[ModelSamples]]:
-    """The report card of `models` (in the loop's order); `sft` names the one that wins and KL compare to.
+    """The report card of `models` (in the loop's order); `sft` names the one that wins and KL compare to;
+    `rm_policy` names the model whose replies are the RM's held-out comparisons (`reward_model_accuracy`).
 
     Returns the report (JSON-ready; `write_report` renders it) and the samples behind it.
     """
@@ -315,9 +341,16 @@ def evaluate_models(
     config = config or EvalConfig()
     started = time.perf_counter()
     prompts = eval_prompts(config)
-    samples = sample_models(models, prompts, config, reference=sft)
+    if rm_policy is not None and rm_policy not in {m.name for m in models}:
+        raise ValueError(f"the RM's policy {rm_policy!r} is not among the models {[m.name for m in models]}")
+    compared = {models[-1].name} | ({rm_policy} if rm_policy and reward_model is not None else set())
+    samples = sample_models(models, prompts, config, reference=sft, compared=compared)
     ref = next((s for s in samples if s.spec.name == sft), None)
-    rm = reward_model_accuracy(reward_model, prompts, samples, config) if reward_model is not None else None
+    rm = (
+        reward_model_accuracy(reward_model, prompts, samples, config, rm_policy)
+        if reward_model is not None
+        else None
+    )
     seconds = dict(stage_seconds or {})
     seconds["evaluation"] = round(time.perf_counter() - started, 2)
     kinds = [p.kind for p in prompts]

@@ -149,7 +149,9 @@ def render_html(report: Mapping[str, Any]) -> str:
             "<p>Pairwise accuracy against the noise-free gold order: "
             f"<b>{_fmt(rm['accuracy'], percent=True)}</b> "
             f"on {rm['pairs']} pairs with different gold scores: {rm['prompts']} held-out prompts, "
-            f"{rm['candidates_per_prompt']} replies of {_fmt(rm['model'])} to each. Across the models' "
+            f"{rm['candidates_per_prompt']} replies of {_fmt(rm['model'])} to each. On "
+            f"{_fmt(rm['final_model'])}'s replies: {_fmt(rm['accuracy_final_model'], percent=True)} "
+            f"on {rm['pairs_final_model']} pairs. Across the models' "
             f"replies: {_fmt(rm['accuracy_across_models'], percent=True)} "
             f"on {rm['pairs_across_models']} pairs. Model: <code>{_fmt(rm['path'])}</code></p>",
         ]
