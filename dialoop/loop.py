@@ -544,7 +544,8 @@ def _decide_rm(it: _Iteration, sft: StageResult) -> StageResult | StagePlan:
 
 
 def _decide_ppo(it: _Iteration, sft: StageResult, rm: StageResult) -> StageResult | StagePlan:
-    """PPO against the RM from the newest policy trained from this SFT model (else from SFT itself)."""
+    """PPO against the RM from the newest policy trained from this SFT model (else from SFT itself), with
+    the KL penalty to the SFT model."""
     assert sft.version_id is not None and sft.path is not None
     if rm.version_id is None or rm.path is None:
         return StageResult("ppo", "skipped", note="no reward model yet")
@@ -564,6 +565,7 @@ def _decide_ppo(it: _Iteration, sft: StageResult, rm: StageResult) -> StageResul
     config = it.config_for(it.config.ppo, "ppo", init_path)
     config.reward_model = rm.path
     config.value_model = None  # the value model starts as this iteration's RM
+    config.reference_model = sft.path  # every iteration's KL leash is to the SFT model, as InstructGPT's
     loop = {"init_version_id": init_id, "sft_version_id": sft.version_id, "rm_version_id": rm.version_id}
     return StagePlan("ppo", config, data, init_id, loop)
 

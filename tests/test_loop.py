@@ -150,7 +150,10 @@ def test_iterations_train_what_is_new_and_record_exactly_which_data(
     rm_runs = _runs(store, "rm")
     assert set(rm_run.data["ranking_ids"]) < set(rm_runs[-1].data["ranking_ids"])
     assert _version(store, "policy-3").parent.name == "policy-2"  # type: ignore[union-attr]
-    assert _runs(store, "ppo")[-1].config["model"] == policy.path
+    ppo_runs = _runs(store, "ppo")
+    assert ppo_runs[-1].config["model"] == policy.path
+    # every PPO run's KL penalty is to the SFT model, also when it continues an earlier policy
+    assert [r.config["reference_model"] for r in ppo_runs] == [sft_run.run_dir] * 2
 
 
 class Crash(RuntimeError):

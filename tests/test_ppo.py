@@ -225,6 +225,18 @@ def test_lora_uses_one_copy_of_the_weights_and_trains(tiny_model_dir: Path, tiny
     assert diff > 1e-4  # the adapters, merged in, changed the policy
 
 
+def test_the_kl_leash_is_to_the_reference_model(peaky_model_dir: Path, tiny_model_dir: Path) -> None:
+    """PPO continued from an earlier policy (here: the peaky model) keeps its KL penalty to the SFT model."""
+    alone = make_trainer(config(peaky_model_dir, max_steps=1)).step()
+    assert alone["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before any update
+    for lora_r in (0, 4):
+        cfg = config(peaky_model_dir, max_steps=1, lora_r=lora_r, reference_model=str(tiny_model_dir))
+        trainer = make_trainer(cfg)
+        assert trainer.ref is not None  # LoRA's disabled adapters would give the policy, not the SFT model
+        first = trainer.step()
+        assert first["kl"] > 1.0, lora_r  # the peaky policy is far from the flat SFT model
+
+
 def test_ptx_and_ema_options(tiny_model_dir: Path) -> None:
     demos = [
         ChatExample([{"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": f"Hello {i}!"}])

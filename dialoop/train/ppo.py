@@ -216,13 +216,15 @@ def _lora(model: torch.nn.Module, config: PPOConfig, head: str | None) -> torch.
 def load_ppo_models(
     config: PPOConfig, tokenizer: Any, accelerator: Accelerator, reward_fn: RewardFn | None = None
 ) -> PPOModels:
-    """Policy and reference from `--model` (the SFT model), value and reward from `--reward-model`."""
+    """Policy from `--model`, reference from `--reference-model` (default: `--model`), value and reward from
+    `--reward-model`."""
     policy_source = resolve_base_model(config.model)
+    ref_source = resolve_base_model(config.reference_model) if config.reference_model else policy_source
     frozen_dtype = compute_dtype(accelerator)
     device = accelerator.device
     if reward_fn is None and config.reward_model is None:
         raise ValueError("PPO needs --reward-model (a directory written by `dialoop train rm`)")
-    for scorer in {config.reward_model, config.value_model} - {None}:
+    for scorer in {config.reward_model, config.value_model, config.reference_model} - {None}:
         # PPO hands token ids from the policy straight to the value and reward models
         if load_tokenizer(scorer).get_vocab() != tokenizer.get_vocab():
             raise ValueError(
@@ -245,15 +247,15 @@ def load_ppo_models(
         trained.train()
         if config.gradient_checkpointing:
             trained.gradient_checkpointing_enable()  # type: ignore[operator]
+    ref: torch.nn.Module | None = None  # with LoRA and no other reference: the policy, adapters disabled
+    if config.lora_r == 0 or ref_source != policy_source:
+        ref = freeze(load_causal_lm(ref_source, dtype=frozen_dtype, device=device, tokenizer=tokenizer))
     if config.lora_r > 0:
         policy = _lora(policy, config, None)
         if reward_fn is None and config.value_model is None:
             # the value starts as the reward model, so the RM is the value model with its adapters disabled
-            return PPOModels(policy=policy, value=_lora(value, config, "score"), ref=None, reward=None)
+            return PPOModels(policy=policy, value=_lora(value, config, "score"), ref=ref, reward=None)
         value = _lora(value, config, "score")
-        ref: torch.nn.Module | None = None
-    else:
-        ref = freeze(load_causal_lm(policy_source, dtype=frozen_dtype, device=device, tokenizer=tokenizer))
     reward: torch.nn.Module | RewardFn
     if reward_fn is not None:
         reward = reward_fn

@@ -10,12 +10,14 @@ from dialoop.train.config import TrainConfig
 
 @dataclass
 class PPOConfig(TrainConfig):
-    """PPO (`dialoop train ppo`): `--model` is the SFT policy (and the reference), `--reward-model` the RM."""
+    """PPO (`dialoop train ppo`): `--model` is the initial policy (and, unless `--reference-model`, the KL
+    reference), `--reward-model` the RM."""
 
     model: str | None = field(
         default=None,
         metadata={
-            "help": "The SFT model: initial policy and frozen reference (default: the embedded default)."
+            "help": "The initial policy (the SFT model, or an earlier PPO policy to continue) and, unless "
+            "--reference-model, the frozen reference (default: the embedded default)."
         },
     )
     data: Path | None = field(
@@ -35,6 +37,13 @@ class PPOConfig(TrainConfig):
     )
     value_model: str | None = field(
         default=None, metadata={"help": "Initial value model (default: the reward model)."}
+    )
+    reference_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Frozen reference of the KL penalty (default: --model). When --model continues an "
+            "earlier PPO policy, the SFT model keeps every iteration close to what trainers demonstrated."
+        },
     )
     prompts: Path | None = field(
         default=None, metadata={"help": "Plain-text prompts, one user turn per line (instead of --data)."}
