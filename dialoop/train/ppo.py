@@ -225,7 +225,7 @@ def load_ppo_models(
     if reward_fn is None and config.reward_model is None:
         raise ValueError("PPO needs --reward-model (a directory written by `dialoop train rm`)")
     for scorer in {config.reward_model, config.value_model, config.reference_model} - {None}:
-        # PPO hands token ids from the policy straight to the value and reward models
+        # PPO hands token ids from the policy straight to the value, reward and reference models
         if load_tokenizer(scorer).get_vocab() != tokenizer.get_vocab():
             raise ValueError(
                 f"{scorer} does not share the policy's tokenizer ({config.model or 'the default'})"
