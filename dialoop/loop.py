@@ -573,13 +573,25 @@ def _decide_ppo(it: _Iteration, sft: StageResult, rm: StageResult) -> StageResul
 def _evaluate(
     it: _Iteration, eval_config: EvalConfig, sft: StageResult, rm: StageResult, ppo: StageResult
 ) -> dict[str, Any]:
-    """The report card of this iteration's models (base and SFT, or SFT and the new policy)."""
+    """The report card of this iteration's models (base and SFT, or SFT, the policy PPO continued and the new
+    policy). The RM's accuracy is on held-out replies of the policy PPO started from: the served one, whose
+    replies the newest rankings hold (the new policy's, which PPO optimised against this RM, stay on the card
+    as `accuracy_final_model`)."""
     assert sft.path is not None
     it.hook("eval", "start")
     started = time.perf_counter()
     models = [ModelSpec("sft", Path(sft.path))]
     names = {"sft": sft.version_id}
+    rm_policy = None
     if ppo.path is not None:
+        rm_policy = "sft"
+        with session_scope(it.engine) as session:
+            run = session.get(TrainingRun, ppo.run_id) if ppo.run_id is not None else None
+            init_id = run.config.get("loop", {}).get("init_version_id") if run is not None else None
+            init = session.get(ModelVersion, init_id) if init_id not in (None, sft.version_id) else None
+            if init is not None:
+                rm_policy = init.name
+                models.append(ModelSpec(init.name, Path(init.path), init.run.iteration if init.run else None))
         models.append(ModelSpec(f"policy-{it.number}", Path(ppo.path), it.number))
         names[f"policy-{it.number}"] = ppo.version_id
     else:
@@ -591,6 +603,7 @@ def _evaluate(
         config=dataclasses.replace(eval_config, progress=it.config.progress),
         ppo_runs=[(it.number, Path(ppo.path))] if ppo.status in NEW and ppo.path is not None else [],
         stage_seconds={k: round(v.seconds, 2) for k, v in it.stages.items()},
+        rm_policy=rm_policy if rm.path is not None else None,
     )
     write_report(report, it.dir / "report", samples)
     with session_scope(it.engine) as session:

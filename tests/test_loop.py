@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from dialoop.cli import app
 from dialoop.collect import PolicyHandle, create_comparison_tasks
 from dialoop.demo import demo_config
+from dialoop.evaluate.card import EvalConfig
 from dialoop.formats import chat_examples_from_store, ranking_examples_from_store, snapshot_hash
 from dialoop.formats.store_io import edit_records
 from dialoop.loop import IterationConfig, NothingToTrain, run_iteration
@@ -113,11 +114,13 @@ def test_iterations_train_what_is_new_and_record_exactly_which_data(
 
     # chats with the served SFT model, comparison tasks, rankings: the RM and PPO train, SFT is reused
     _collect(store, tmp_path / "runs" / "iter-1" / "sft", chats=4, seed=1, version_id=first.sft_version_id)
-    second = run_iteration(store, _config(tmp_path, tiny_model_dir))
+    card = EvalConfig(prompts=3, max_new_tokens=6, batch_size=4, progress=False)
+    second = run_iteration(store, _config(tmp_path, tiny_model_dir, evaluate=card))
     assert {k: s.status for k, s in second.stages.items()} == {
         "sft": "reused",
         "rm": "trained",
         "ppo": "trained",
+        "eval": "trained",
     }
     assert second.sft_version_id == first.sft_version_id
     (rm_run,) = _runs(store, "rm")
@@ -134,6 +137,12 @@ def test_iterations_train_what_is_new_and_record_exactly_which_data(
     (ppo_run,) = _runs(store, "ppo")
     assert ppo_run.data["kind"] == "prompts" and ppo_run.data["examples"] > 0
     assert ppo_run.config["reward_model"] == rm_run.run_dir and ppo_run.config["model"] == sft_run.run_dir
+    # the card: the RM is measured on replies of the policy PPO started from, here SFT
+    assert second.report is not None and [m["name"] for m in second.report["models"]] == ["sft", "policy-2"]
+    assert (second.report["reward_model"]["model"], second.report["reward_model"]["final_model"]) == (
+        "sft",
+        "policy-2",
+    )
 
     with pytest.raises(NothingToTrain, match="since iteration 2"):
         run_iteration(store, _config(tmp_path, tiny_model_dir))
@@ -141,11 +150,12 @@ def test_iterations_train_what_is_new_and_record_exactly_which_data(
 
     # new rankings: the RM retrains on all of them, PPO continues from the previous policy
     _collect(store, Path(policy.path), chats=4, seed=2, version_id=second.policy_version_id)
-    third = run_iteration(store, _config(tmp_path, tiny_model_dir))
+    third = run_iteration(store, _config(tmp_path, tiny_model_dir, evaluate=card))
     assert {k: s.status for k, s in third.stages.items()} == {
         "sft": "reused",
         "rm": "trained",
         "ppo": "trained",
+        "eval": "trained",
     }
     rm_runs = _runs(store, "rm")
     assert set(rm_run.data["ranking_ids"]) < set(rm_runs[-1].data["ranking_ids"])
@@ -154,6 +164,13 @@ def test_iterations_train_what_is_new_and_record_exactly_which_data(
     assert ppo_runs[-1].config["model"] == policy.path
     # every PPO run's KL penalty is to the SFT model, also when it continues an earlier policy
     assert [r.config["reference_model"] for r in ppo_runs] == [sft_run.run_dir] * 2
+    # the served policy-2, whose replies the new rankings hold, joins the card: the RM is measured on its
+    assert third.report is not None
+    assert [m["name"] for m in third.report["models"]] == ["sft", "policy-2", "policy-3"]
+    assert (third.report["reward_model"]["model"], third.report["reward_model"]["final_model"]) == (
+        "policy-2",
+        "policy-3",
+    )
 
 
 class Crash(RuntimeError):
