@@ -77,8 +77,8 @@ class DemoConfig:
 
 
 def demo_config(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = True) -> DemoConfig:
-    """The demo's budgets: sized so the embedded default runs end to end in 8.5 to 18 minutes on 2 idle cores
-    with native bf16 (two machines), about 33 on 2 cores that compute in fp32 only (docs/demo.md);
+    """The demo's budgets: sized so the embedded default runs end to end in 8.5 to 23 minutes on 2 idle cores
+    with native bf16 (three machines), about 33 on 2 cores that compute in fp32 only (docs/demo.md);
     `quick` runs every stage on a tiny model in seconds."""
     if quick:
         tokens = SamplingParams(max_new_tokens=8, temperature=1.0)
