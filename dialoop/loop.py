@@ -586,10 +586,8 @@ def _evaluate(
     if ppo.path is not None:
         rm_policy = "sft"
         with session_scope(it.engine) as session:
-            run = session.get(TrainingRun, ppo.run_id) if ppo.run_id is not None else None
-            init_id = run.config.get("loop", {}).get("init_version_id") if run is not None else None
-            init = session.get(ModelVersion, init_id) if init_id not in (None, sft.version_id) else None
-            if init is not None:
+            init = session.get_one(ModelVersion, ppo.version_id).parent  # the policy PPO started from
+            if init is not None and init.id != sft.version_id:
                 rm_policy = init.name
                 models.append(ModelSpec(init.name, Path(init.path), init.run.iteration if init.run else None))
         models.append(ModelSpec(f"policy-{it.number}", Path(ppo.path), it.number))
@@ -603,7 +601,7 @@ def _evaluate(
         config=dataclasses.replace(eval_config, progress=it.config.progress),
         ppo_runs=[(it.number, Path(ppo.path))] if ppo.status in NEW and ppo.path is not None else [],
         stage_seconds={k: round(v.seconds, 2) for k, v in it.stages.items()},
-        rm_policy=rm_policy if rm.path is not None else None,
+        rm_policy=rm_policy,
     )
     write_report(report, it.dir / "report", samples)
     with session_scope(it.engine) as session:

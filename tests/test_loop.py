@@ -164,7 +164,7 @@ def test_iterations_train_what_is_new_and_record_exactly_which_data(
     assert ppo_runs[-1].config["model"] == policy.path
     # every PPO run's KL penalty is to the SFT model, also when it continues an earlier policy
     assert [r.config["reference_model"] for r in ppo_runs] == [sft_run.run_dir] * 2
-    # the served policy-2, whose replies the new rankings hold, joins the card: the RM is measured on its
+    # the served policy-2, whose replies the new rankings hold, joins the card: the RM is measured on them
     assert third.report is not None
     assert [m["name"] for m in third.report["models"]] == ["sft", "policy-2", "policy-3"]
     assert (third.report["reward_model"]["model"], third.report["reward_model"]["final_model"]) == (
