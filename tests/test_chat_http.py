@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from webclient import ACCOUNTS, PASSWORD, Live, WebClient, live_web_server, make_web_app
 
+from dialoop.collect.tasks import eligible_originals
 from dialoop.store import ComparisonTask, Conversation, Feedback, Message, session_scope
 from dialoop.store.accounts import get_user
 from dialoop.store.trees import add_message
@@ -138,7 +139,7 @@ def test_anonymous_pages_redirect_to_login_and_calls_get_401(live: Live) -> None
 
 
 @pytest.mark.parametrize("name", ["root", "tess", "alice"])
-def test_each_role_uses_its_own_chat_end_to_end(live: Live, name: str) -> None:
+def test_each_role_uses_its_own_chat_end_to_end(live: Live, name: str, tiny_model_dir: Path) -> None:
     client = live.client(name)
     assert client.page("/chat").status_code == 200
     models = client.api("GET", "/api/chat/models").json()
@@ -157,6 +158,11 @@ def test_each_role_uses_its_own_chat_end_to_end(live: Live, name: str) -> None:
     question, reply = events[0]["message"], events[-1]["message"]
     assert reply["content"] == "".join(e["text"] for e in events if e["type"] == "delta")
     assert reply["parent_id"] == question["id"] and reply["model"] == "tiny"
+    with session_scope(live.app.state.engine) as session:
+        stored = session.get_one(Message, reply["id"])
+        # the plainly served model is credited as a base version: a trainer's chat feeds comparison tasks
+        assert stored.author_model is not None and stored.author_model.path == str(tiny_model_dir)
+        assert ((reply["id"], question["id"]) in eligible_originals(session)) == (name != "alice")
 
     status, events = client.stream(
         f"/api/chat/conversations/{cid}/messages/{question['id']}/replies", {"max_tokens": 4}

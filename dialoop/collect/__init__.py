@@ -11,7 +11,7 @@ from dialoop.collect.agreement import (
     pairwise_agreement,
 )
 from dialoop.collect.chats import add_user_turn, chat_head, chat_reply, generate_chat_replies, start_chat
-from dialoop.collect.common import TRAINER_ROLES, PolicyHandle
+from dialoop.collect.common import PolicyHandle
 from dialoop.collect.demonstrations import (
     Suggestion,
     add_turn,
@@ -41,7 +41,6 @@ from dialoop.collect.tasks import (
 
 __all__ = [
     "FLAG_KINDS",
-    "TRAINER_ROLES",
     "AgreementReport",
     "PolicyHandle",
     "Suggestion",

@@ -15,8 +15,6 @@ from dialoop.modeling.generation import SamplingParams
 from dialoop.store.models import Conversation, Message, User
 from dialoop.store.trees import as_chat, path_to_root
 
-TRAINER_ROLES = ("trainer", "admin")  # who writes demonstrations and ranks; whose chats feed tasks
-
 
 @dataclass
 class PolicyHandle:

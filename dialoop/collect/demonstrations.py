@@ -17,7 +17,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dialoop.collect.common import (
-    TRAINER_ROLES,
     PolicyHandle,
     context_of,
     require_owner,
@@ -26,7 +25,7 @@ from dialoop.collect.common import (
     sampling_record,
 )
 from dialoop.modeling.generation import SamplingParams
-from dialoop.store.models import Conversation, Message, User
+from dialoop.store.models import TRAINER_ROLES, Conversation, Message, User
 from dialoop.store.trees import add_message
 
 log = logging.getLogger(__name__)

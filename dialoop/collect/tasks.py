@@ -19,7 +19,6 @@ from sqlalchemy.orm import Session, aliased
 
 from dialoop.collect.chats import TASK_KEY
 from dialoop.collect.common import (
-    TRAINER_ROLES,
     PolicyHandle,
     context_of,
     params_from_record,
@@ -30,7 +29,15 @@ from dialoop.collect.common import (
 from dialoop.formats.records import ChatMessage
 from dialoop.modeling.chat import Reply
 from dialoop.modeling.generation import SamplingParams
-from dialoop.store.models import Candidate, ComparisonTask, Conversation, Message, Ranking, User
+from dialoop.store.models import (
+    TRAINER_ROLES,
+    Candidate,
+    ComparisonTask,
+    Conversation,
+    Message,
+    Ranking,
+    User,
+)
 from dialoop.store.trees import add_message
 
 log = logging.getLogger(__name__)

@@ -32,6 +32,7 @@ from dialoop.formats.records import ChatExample, ChatMessage, RankingExample
 from dialoop.formats.registry import ChatFormat, RankingFormat, get_format
 from dialoop.store.models import (
     CONVERSATION_KINDS,
+    TRAINER_ROLES,
     Candidate,
     ComparisonTask,
     Conversation,
@@ -48,7 +49,6 @@ R = TypeVar("R")
 Record = ChatExample | RankingExample | OasstTree
 
 SOURCES = ("all", "imported", "trainers", "feedback")
-TRAINER_ROLES = ("trainer", "admin")
 CHUNK = 500  # ids per IN (...) query, records per bulk INSERT
 # OASST ids for messages that did not come from OASST: stable within a store, kept by a re-import
 MESSAGE_ID_NAMESPACE = uuid.UUID("6c0f3f5e-4a59-4f4e-9a86-5b1f0d7f3a21")

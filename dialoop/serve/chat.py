@@ -42,7 +42,7 @@ from dialoop.formats.records import ChatMessage
 from dialoop.modeling.generation import SamplingParams
 from dialoop.serve.auth import CurrentUser, csrf_protect
 from dialoop.serve.deps import EngineDep, RegistryDep, ServeSettings, ServeSettingsDep, SessionDep, WorkerDep
-from dialoop.serve.models import ModelEntry, ModelRegistry, UnknownModel
+from dialoop.serve.models import ModelEntry, ModelRegistry, UnknownModel, version_id_of
 from dialoop.serve.pages import render
 from dialoop.serve.worker import ChoiceEnd, ContextTooLong, Generation, GenerationWorker, QueueFull, TextDelta
 from dialoop.store.db import session_scope
@@ -356,7 +356,9 @@ def _save_reply(
             parent,
             "assistant",
             text,
-            author_model_id=entry.version_id if entry else None,
+            # a plain `serve --model` is registered as a base version here, as for trainers' suggestions:
+            # a reply without an author version never becomes a comparison task
+            author_model_id=version_id_of(session, entry) if entry else None,
             # the parameters the worker really used, so sampled alternatives can match them
             sampling=sampling_record(params),
             finished=finish_reason == "stop",

@@ -144,12 +144,13 @@ class ModelRegistry:
         return self._served
 
     def entries(self) -> list[ModelEntry]:
-        """Every servable model: the base model first, then the store's policy versions (oldest first)."""
+        """Every servable model: the base model first, then the store's policy versions (oldest first) but
+        the base model's own (a plainly served model is registered as `base` once it writes a reply)."""
         with session_scope(self.engine) as session:
             versions = [
                 ModelEntry(v.name, v.path, v.id, v.created_at) for v in list_model_versions(session, "policy")
             ]
-        return [self.base, *[v for v in versions if v.name != self.base.name]]
+        return [self.base, *[v for v in versions if v.name != self.base.name and v.path != self.base.path]]
 
     def resolve(self, name: str | None) -> ModelEntry:
         """The entry called `name`; None or `default` is the served one. UnknownModel otherwise."""

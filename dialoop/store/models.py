@@ -9,6 +9,7 @@ from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, Stri
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 ROLES = ("admin", "trainer", "user")
+TRAINER_ROLES = ("trainer", "admin")  # who writes demonstrations and ranks; whose chats feed tasks
 CONVERSATION_KINDS = ("demonstration", "chat", "imported")
 MESSAGE_ROLES = ("system", "user", "assistant")
 
