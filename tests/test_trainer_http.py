@@ -538,7 +538,8 @@ def test_suggestions_of_an_unregistered_base_model_are_credited_to_a_new_base_ve
         )
         with session_scope(server.app.state.engine) as session:
             version = session.scalars(select(ModelVersion)).one()
-            assert version.name == "base" and Path(version.path).resolve() == tiny_model_dir.resolve()
+            # registered under the name it is served as
+            assert version.name == "tiny" and Path(version.path).resolve() == tiny_model_dir.resolve()
             assert session.get_one(Message, turn["id"]).extra["suggestion"]["model_version_id"] == version.id
 
 

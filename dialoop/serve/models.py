@@ -144,13 +144,12 @@ class ModelRegistry:
         return self._served
 
     def entries(self) -> list[ModelEntry]:
-        """Every servable model: the base model first, then the store's policy versions (oldest first) but
-        the base model's own (a plainly served model is registered as `base` once it writes a reply)."""
+        """Every servable model: the base model first, then the store's policy versions (oldest first)."""
         with session_scope(self.engine) as session:
             versions = [
                 ModelEntry(v.name, v.path, v.id, v.created_at) for v in list_model_versions(session, "policy")
             ]
-        return [self.base, *[v for v in versions if v.name != self.base.name and v.path != self.base.path]]
+        return [self.base, *[v for v in versions if v.name != self.base.name]]
 
     def resolve(self, name: str | None) -> ModelEntry:
         """The entry called `name`; None or `default` is the served one. UnknownModel otherwise."""
@@ -232,8 +231,9 @@ class ModelRegistry:
 
 
 def version_id_of(session: Session, entry: ModelEntry) -> int:
-    """The store id of a served model; a base model that is no version yet is registered first, so that
-    what it writes (chat replies, suggestions, alternatives) is credited to a version."""
+    """The store id of a served model; a base model that is no version yet is registered first, under the
+    name it is served as (so that it is listed once), and what it writes (chat replies, suggestions,
+    alternatives) is credited to that version."""
     if entry.version_id is not None:
         return entry.version_id
-    return ensure_base_version(session, entry.path).id
+    return ensure_base_version(session, entry.path, entry.name).id

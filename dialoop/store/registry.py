@@ -146,8 +146,8 @@ def fail_run(session: Session, run: TrainingRun, error: str) -> None:
     session.flush()
 
 
-def ensure_base_version(session: Session, path: str | Path) -> ModelVersion:
-    """The policy version of the base model at `path`, registered (as `base`, `base-2`, ...) if new."""
+def ensure_base_version(session: Session, path: str | Path, name: str = "base") -> ModelVersion:
+    """The policy version of the base model at `path`, registered (as `name`, `name-2`, ...) if new."""
     found = session.scalars(
         select(ModelVersion)
         .where(ModelVersion.path == str(path), ModelVersion.kind == "policy", ModelVersion.run_id.is_(None))
@@ -155,8 +155,8 @@ def ensure_base_version(session: Session, path: str | Path) -> ModelVersion:
     ).first()
     if found is not None:
         return found
-    name, k = "base", 1
-    while model_version_by_name(session, name) is not None:
+    free, k = name, 1
+    while model_version_by_name(session, free) is not None:
         k += 1
-        name = f"base-{k}"
-    return register_model_version(session, name=name, kind="policy", path=path)
+        free = f"{name}-{k}"
+    return register_model_version(session, name=free, kind="policy", path=path)
