@@ -356,8 +356,8 @@ def _save_reply(
             parent,
             "assistant",
             text,
-            # a plain `serve --model` is registered as a base version here, as for trainers' suggestions:
-            # a reply without an author version never becomes a comparison task
+            # a plainly served model becomes a version on its first reply (`version_id_of`): a reply without
+            # an author version never becomes a comparison task
             author_model_id=version_id_of(session, entry) if entry else None,
             # the parameters the worker really used, so sampled alternatives can match them
             sampling=sampling_record(params),
