@@ -37,12 +37,14 @@ from dialoop.evaluate.progress import stage_progress
 from dialoop.evaluate.report import write_report
 from dialoop.loop import IterationConfig, IterationResult, record_cards, run_iteration
 from dialoop.modeling import SamplingParams, default_model_dir, load_model_and_tokenizer
+from dialoop.modeling.device import device_name, pick_device
 from dialoop.sim.prompts import Prompt, generate_prompts
 from dialoop.sim.trainers import SimTrainerConfig, SimulatedTrainer, create_trainers, rank_all
 from dialoop.store.db import session_scope
 from dialoop.store.migrate import open_store
 from dialoop.store.models import ModelVersion
 from dialoop.store.registry import ensure_base_version, served_model
+from dialoop.train.common import resolve_precision
 from dialoop.train.config import RewardConfig, SFTConfig
 from dialoop.train.ppo_config import PPOConfig
 
@@ -389,6 +391,12 @@ def run_demo(config: DemoConfig) -> DemoResult:
                 record_cards(session, report, versions, last.rm_version_id)
         report["stage_seconds"] = dict(stages.seconds)
         report["stage_cpu_seconds"] = dict(stages.cpu_seconds)
+        report["machine"] = {
+            "device": device_name(pick_device()),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "precision": resolve_precision(config.sft.precision),  # of training
+        }
         report["models_dir"] = {k: str(v) for k, v in models.items()}
         report_path = write_report(report, out, samples)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,11 @@ def test_report_has_every_field(demo: tuple[Path, str]) -> None:
     expected = {"setup", "demonstrations", "iteration 1: sft", "iteration 2: rm", "iteration 2: ppo"}
     assert expected | {"iteration 3: rm", "iteration 3: ppo", "evaluation"} <= stages
     assert set(report["plots"]) == {"ppo", "gold", "length"}
+    # where the times were taken: this machine has no GPU, and training precision is resolved, never "auto"
+    machine = report["machine"]
+    assert machine["device"] == "cpu" and machine["cpus"] == os.cpu_count() and machine["torch_threads"] >= 1
+    assert machine["precision"] in {"bf16", "fp32"}
+    assert f"On cpu ({os.cpu_count()} CPUs" in (demo[0] / "report.html").read_text()
 
 
 def test_models_load_with_plain_transformers(demo: tuple[Path, str]) -> None:

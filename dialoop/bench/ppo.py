@@ -130,6 +130,7 @@ def bench_ppo(cfg: PPOBenchConfig) -> dict[str, Any]:
 
     import transformers
 
+    from dialoop.modeling.device import device_name
     from dialoop.modeling.loading import resolve_model
     from dialoop.train.common import (
         load_training_tokenizer,
@@ -212,7 +213,7 @@ def bench_ppo(cfg: PPOBenchConfig) -> dict[str, Any]:
         "new_tokens": cfg.new_tokens,
         "mini_batch": cfg.mini_batch,
         "ppo_epochs": cfg.ppo_epochs,
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "device": device_name(device),
         "precision": resolve_precision(config.precision, device),
         "threads": torch.get_num_threads(),
         "lora_r": cfg.lora_r,

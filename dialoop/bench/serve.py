@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from dialoop.modeling.device import pick_device
+from dialoop.modeling.device import device_name, pick_device
 from dialoop.modeling.loading import default_model_dir
 from dialoop.settings import settings
 from dialoop.store.accounts import create_api_key, create_user
@@ -221,7 +221,7 @@ def bench_serve(
     return {
         "benchmark": "serve",
         "model": str(model_path),
-        "device": str(pick_device()),
+        "device": device_name(pick_device()),
         "server_torch_threads": threads if threads is not None else "default",
         "max_tokens": max_tokens,
         "rounds": rounds,

@@ -97,6 +97,16 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _machine(machine: Mapping[str, Any] | None) -> list[str]:
+    """The line that says where the times were taken, when the report knows."""
+    if not machine:
+        return []
+    device, cpus, threads, precision = (
+        _fmt(machine.get(k)) for k in ("device", "cpus", "torch_threads", "precision")
+    )
+    return [f"<p>On {device} ({cpus} CPUs, {threads} torch threads), training in {precision}.</p>"]
+
+
 def render_html(report: Mapping[str, Any]) -> str:
     """The report as one HTML page (inline style, images by relative path)."""
     models = report["models"]
@@ -170,6 +180,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         parts += [
             "<h2>Time per stage (seconds)</h2>",
             "<p>CPU seconds / wall seconds is how many cores a stage got.</p>",
+            *_machine(report.get("machine")),
             _table(["stage", "wall", "CPU"], rows),
         ]
     examples = report.get("examples", [])

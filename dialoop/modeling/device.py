@@ -18,6 +18,14 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
+def device_name(device: torch.device | str) -> str:
+    """What a report says a run ran on: the GPU's name on CUDA ("NVIDIA H100 80GB HBM3"), else the type."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return str(device)
+
+
 @functools.cache
 def cpu_has_bf16_matmul() -> bool:
     """True when the CPU has native bf16 dot products (AMX or AVX512-BF16): bf16 matmuls beat fp32 ~3x."""
