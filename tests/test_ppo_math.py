@@ -132,9 +132,10 @@ def test_adaptive_kl_controller_follows_ziegler() -> None:
     assert adaptive.beta == pytest.approx(0.1 * 1.002 * 0.999)
 
 
-def test_replies_without_eos_get_the_fixed_penalty_score() -> None:
-    scores = apply_missing_eos_score(T([0.7, 2.5, -0.3]), T([True, False, True]), -1.0)
-    assert scores.tolist() == pytest.approx([0.7, -1.0, -0.3])
+def test_replies_without_eos_score_at_most_the_penalty_score() -> None:
+    scores = apply_missing_eos_score(T([0.7, 2.5, -0.3, -2.4]), T([True, False, True, False]), -1.0)
+    # a cut reply the RM scored above the cap gets the cap; one it scored below keeps its lower score
+    assert scores.tolist() == pytest.approx([0.7, -1.0, -0.3, -2.4])
     kept = apply_missing_eos_score(T([0.7, 2.5]), T([True, False]), None)
     assert kept.tolist() == pytest.approx([0.7, 2.5])
 

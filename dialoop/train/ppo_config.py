@@ -97,7 +97,8 @@ class PPOConfig(TrainConfig):
     value_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
     whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages per batch."})
     no_eos_score: float | None = field(
-        default=-1.0, metadata={"help": "Score of replies cut without EOS; unset: keep the RM's score."}
+        default=-1.0,
+        metadata={"help": "Highest score of a reply cut without EOS (a cap on the RM's); unset: no cap."},
     )
     ptx_coef: float = field(
         default=0.0, metadata={"help": "PPO-ptx: weight of the SFT loss on demonstrations; 0: off."}

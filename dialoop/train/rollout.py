@@ -264,7 +264,11 @@ def function_scores(reward_fn: RewardFn, exp: Experience) -> Tensor:
 
 
 def apply_missing_eos_score(raw_scores: Tensor, finished: Tensor, no_eos_score: float | None) -> Tensor:
-    """Replies cut at the token limit (no EOS) get the fixed `no_eos_score` (None: keep their score)."""
+    """Replies cut at the token limit (no EOS) score at most `no_eos_score` (None: keep their score).
+
+    A cap, not a replacement: a reward model that already scores a cut reply below it (one trained on
+    rankings that put cut replies last) keeps that score, so the penalty never lifts a cut reply and the
+    differences between cut replies stay."""
     if no_eos_score is None:
         return raw_scores
-    return torch.where(finished, raw_scores, torch.full_like(raw_scores, no_eos_score))
+    return torch.where(finished, raw_scores, raw_scores.clamp(max=no_eos_score))
