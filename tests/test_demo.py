@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from dialoop.cli import app
 from dialoop.loop import VERSION_PREFIX
+from dialoop.modeling.device import device_name, pick_device
 from dialoop.store.db import make_engine, session_scope
 from dialoop.store.models import Candidate, ComparisonTask, Conversation, ModelVersion, Ranking, TrainingRun
 
@@ -86,11 +87,12 @@ def test_report_has_every_field(demo: tuple[Path, str]) -> None:
     expected = {"setup", "demonstrations", "iteration 1: sft", "iteration 2: rm", "iteration 2: ppo"}
     assert expected | {"iteration 3: rm", "iteration 3: ppo", "evaluation"} <= stages
     assert set(report["plots"]) == {"ppo", "gold", "length"}
-    # where the times were taken: this machine has no GPU, and training precision is resolved, never "auto"
+    # where the times were taken ("cpu" here, the GPU's name on CUDA); precision resolved, never "auto"
     machine = report["machine"]
-    assert machine["device"] == "cpu" and machine["cpus"] == os.cpu_count() and machine["torch_threads"] >= 1
+    device = device_name(pick_device())
+    assert machine["device"] == device and machine["cpus"] == os.cpu_count() and machine["torch_threads"] >= 1
     assert machine["precision"] in {"bf16", "fp32"}
-    assert f"On cpu ({os.cpu_count()} CPUs" in (demo[0] / "report.html").read_text()
+    assert f"On {device} ({os.cpu_count()} CPUs" in (demo[0] / "report.html").read_text()
 
 
 def test_models_load_with_plain_transformers(demo: tuple[Path, str]) -> None:
