@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from dialoop.modeling.device import device_name
+
 logger = logging.getLogger(__name__)
 
 # The harness's prompts: 8 instruction templates crossed with 8 topics, visited on a diagonal so that
@@ -130,7 +132,6 @@ def bench_ppo(cfg: PPOBenchConfig) -> dict[str, Any]:
 
     import transformers
 
-    from dialoop.modeling.device import device_name
     from dialoop.modeling.loading import resolve_model
     from dialoop.train.common import (
         load_training_tokenizer,
