@@ -37,9 +37,10 @@ from sqlalchemy.orm import Session
 
 from dialoop.evaluate.card import EvalConfig, ModelSpec, evaluate_models
 from dialoop.evaluate.report import write_report
-from dialoop.formats import ChatExample, RankingExample, ranking_examples_from_store, snapshot_hash
+from dialoop.formats import ranking_examples_from_store, snapshot_hash
 from dialoop.formats.store_io import conversation_chats, edit_records
 from dialoop.modeling import resolve_model
+from dialoop.records import ChatExample, RankingExample
 from dialoop.settings import settings
 from dialoop.store.db import session_scope
 from dialoop.store.models import Conversation, ModelVersion, Ranking, TrainingRun

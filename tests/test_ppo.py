@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from dialoop.formats.records import ChatExample
 from dialoop.modeling import generation
 from dialoop.modeling.chat import encode_prompt
 from dialoop.modeling.generation import Completion
@@ -22,6 +21,7 @@ from dialoop.modeling.heads import (
     per_token_values,
 )
 from dialoop.modeling.loading import load_causal_lm, load_tokenizer
+from dialoop.records import ChatExample
 from dialoop.train import rollout
 from dialoop.train.common import make_accelerator, seed_everything
 from dialoop.train.metrics import read_metrics

@@ -23,7 +23,7 @@ from dialoop.train.common import (
     total_steps,
 )
 from dialoop.train.config import RewardConfig, SFTConfig, TrainConfig
-from dialoop.train.loop import LossFn, cosine_with_warmup, fit
+from dialoop.train.fit import LossFn, cosine_with_warmup, fit
 from dialoop.train.metrics import MetricsLogger, read_metrics
 
 

@@ -234,7 +234,7 @@ def _guarded_run(run_dir: Path, *, processes: int) -> dict[str, torch.Tensor]:
     one micro-batch of steps 2 and 3 is not finite. Returns the final weights."""
     from dialoop.train.common import gathered, make_accelerator, prepare_run_dir
     from dialoop.train.config import TrainConfig
-    from dialoop.train.loop import fit
+    from dialoop.train.fit import fit
 
     config = TrainConfig(out=run_dir, lr=0.1, batch_size=4, micro_batch_size=1, max_steps=4, precision="fp32")
     config.progress, config.checkpoint_every = False, 0

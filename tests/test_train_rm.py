@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from dialoop.cli import app
 from dialoop.formats.pairs import ordered_pairs
-from dialoop.formats.records import ChatExample, RankingExample
 from dialoop.modeling.heads import BIAS_KEY, last_token_scores
+from dialoop.records import ChatExample, RankingExample
 from dialoop.train.config import RewardConfig
 from dialoop.train.reward import (
     EncodedRanking,

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from dialoop.cli import app
-from dialoop.formats.records import ChatMessage
 from dialoop.modeling import SamplingParams, encode_prompt, generate_replies, load_tokenizer
+from dialoop.records import ChatMessage
 from dialoop.train.sft import TokenizedChat, causal_lm_loss, collate, pack_chats, tokenize_chat
 
 CHAT: list[ChatMessage] = [

@@ -9,9 +9,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from dialoop.formats.records import ChatMessage
 from dialoop.modeling.chat import Reply, generate_replies
 from dialoop.modeling.generation import SamplingParams
+from dialoop.records import ChatMessage
 from dialoop.store.models import Conversation, Message, User
 from dialoop.store.trees import as_chat, path_to_root
 

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from dialoop.collect.common import context_of, require_role
 from dialoop.collect.tasks import flagged_candidates
-from dialoop.formats.records import ChatMessage
+from dialoop.records import ChatMessage
 from dialoop.store.models import Message, User, utcnow
 
 REVIEW_KEY = "flag_review"

@@ -26,9 +26,9 @@ from dialoop.collect.common import (
     sample_for,
     sampling_record,
 )
-from dialoop.formats.records import ChatMessage
 from dialoop.modeling.chat import Reply
 from dialoop.modeling.generation import SamplingParams
+from dialoop.records import ChatMessage
 from dialoop.store.models import (
     TRAINER_ROLES,
     Candidate,

@@ -8,19 +8,15 @@ from dialoop.formats.datasets import (
     snapshot_hash,
 )
 from dialoop.formats.jsonl import FormatError
-from dialoop.formats.records import ChatExample, ChatMessage, RankingExample
 from dialoop.formats.registry import FORMATS, get_format
 from dialoop.formats.store_io import SOURCES, ExportResult, ImportResult, export_file, import_file
 
 __all__ = [
     "FORMATS",
     "SOURCES",
-    "ChatExample",
-    "ChatMessage",
     "ExportResult",
     "FormatError",
     "ImportResult",
-    "RankingExample",
     "chat_examples_from_store",
     "export_file",
     "get_format",

@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session
 from dialoop.formats import oasst
 from dialoop.formats.jsonl import content_hash, parse_lines
 from dialoop.formats.messages import assistant_turn
-from dialoop.formats.records import ChatExample, RankingExample
 from dialoop.formats.registry import ChatFormat, RankingFormat, get_format
 from dialoop.formats.store_io import conversation_chats, ranking_records
+from dialoop.records import ChatExample, RankingExample
 from dialoop.store.models import Conversation
 
 

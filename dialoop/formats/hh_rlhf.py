@@ -16,7 +16,7 @@ from typing import Any
 from dialoop.formats.jsonl import NotRepresentable
 from dialoop.formats.messages import require_object
 from dialoop.formats.pairs import ordered_pairs
-from dialoop.formats.records import ChatMessage, RankingExample
+from dialoop.records import ChatMessage, RankingExample
 
 TURN_SEPARATOR = re.compile(r"\n\n(Human|Assistant): ")
 SPEAKER_ROLE = {"Human": "user", "Assistant": "assistant"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dialoop.formats.records import ChatExample, ChatMessage
+from dialoop.records import ChatExample, ChatMessage
 from dialoop.store.models import MESSAGE_ROLES
 
 

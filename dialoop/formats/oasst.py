@@ -14,7 +14,7 @@ from typing import Any
 
 from dialoop.formats.jsonl import NotRepresentable
 from dialoop.formats.messages import require_object
-from dialoop.formats.records import ChatMessage, RankingExample
+from dialoop.records import ChatMessage, RankingExample
 
 ROLE_FROM_OASST = {"prompter": "user", "assistant": "assistant"}
 ROLE_TO_OASST = {role: name for name, role in ROLE_FROM_OASST.items()}

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from dialoop.formats.messages import assistant_turn, parse_prompt, parse_reply, require_object
-from dialoop.formats.records import RankingExample
+from dialoop.records import RankingExample
 
 
 def ordered_pairs(example: RankingExample, *, all_bad_orders: bool = False) -> list[tuple[int, int]]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from dialoop.formats import hh_rlhf, messages, oasst, pairs, rankings
 from dialoop.formats.oasst import OasstTree
-from dialoop.formats.records import ChatExample, RankingExample
+from dialoop.records import ChatExample, RankingExample
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from sqlalchemy.orm import Session, selectinload
 from dialoop.formats import oasst
 from dialoop.formats.jsonl import content_hash, parse_lines, write_lines
 from dialoop.formats.oasst import OasstNode, OasstTree
-from dialoop.formats.records import ChatExample, ChatMessage, RankingExample
 from dialoop.formats.registry import ChatFormat, RankingFormat, get_format
+from dialoop.records import ChatExample, ChatMessage, RankingExample
 from dialoop.store.models import (
     CONVERSATION_KINDS,
     TRAINER_ROLES,

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from dialoop.formats.records import ChatMessage
 from dialoop.modeling.generation import SamplingParams, sample
+from dialoop.records import ChatMessage
 
 
 @dataclass

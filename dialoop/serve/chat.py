@@ -38,8 +38,8 @@ from sqlalchemy import Engine, delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from dialoop.collect.common import sampling_record
-from dialoop.formats.records import ChatMessage
 from dialoop.modeling.generation import SamplingParams
+from dialoop.records import ChatMessage
 from dialoop.serve.auth import CurrentUser, csrf_protect
 from dialoop.serve.deps import EngineDep, RegistryDep, ServeSettings, ServeSettingsDep, SessionDep, WorkerDep
 from dialoop.serve.models import ModelEntry, ModelRegistry, UnknownModel, version_id_of

@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from dialoop.formats.records import ChatMessage
 from dialoop.modeling.loading import ModelLoadError
+from dialoop.records import ChatMessage
 from dialoop.serve.deps import (
     ApiAdminDep,
     ApiUserDep,

@@ -75,7 +75,7 @@ from dialoop.collect import (
 from dialoop.collect.common import context_of, sampling_record
 from dialoop.collect.demonstrations import EDITABLE
 from dialoop.collect.tasks import CHAT_SOURCE, DEFAULT_K, DEFAULT_OVERLAP, eligible_originals
-from dialoop.formats.records import ChatMessage
+from dialoop.records import ChatMessage
 from dialoop.serve.auth import csrf_protect, require_role
 from dialoop.serve.deps import EngineDep, RegistryDep, ServeSettings, ServeSettingsDep, SessionDep, WorkerDep
 from dialoop.serve.models import LoadedModel, ModelRegistry, UnknownModel, version_id_of

@@ -27,9 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from dialoop.formats.records import ChatMessage
 from dialoop.modeling.chat import encode_prompt
 from dialoop.modeling.generation import SamplingParams, sample
+from dialoop.records import ChatMessage
 from dialoop.serve.models import LoadedModel, ModelRegistry
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from dialoop.store.models import MESSAGE_ROLES, Conversation, Message
 
 if TYPE_CHECKING:
-    from dialoop.formats.records import ChatMessage
+    from dialoop.records import ChatMessage
 
 
 def add_message(

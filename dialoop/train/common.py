@@ -26,7 +26,7 @@ API for a stage (`sft.py` is the complete example):
   (the scheduler), RNG states of every process (python, numpy, torch), and the `TrainState` counters.
 - `dialoop.train.metrics.MetricsLogger(run_dir, total_steps=, start_step=, ...)`: `log(step, metrics,
   kind=)` to metrics.jsonl + TensorBoard, rich progress bar with ETA; `read_metrics(run_dir, kind)`.
-- `dialoop.train.loop.make_optimizer(config, model, num_steps)` (AdamW + cosine with warm-up) and
+- `dialoop.train.fit.make_optimizer(config, model, num_steps)` (AdamW + cosine with warm-up) and
   `fit(...)`: the supervised loop of SFT and the RM built from the pieces above.
 - Models: `resolve_base_model(path_or_None)`, `load_training_tokenizer`, `load_causal_lm_for_training`,
   `disable_dropout`, `freeze_lower_layers(model, n)`, `save_model(accelerator, model, tokenizer, out_dir)`

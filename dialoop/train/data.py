@@ -14,7 +14,7 @@ from dialoop.formats import (
     read_chat_examples,
     read_ranking_examples,
 )
-from dialoop.formats.records import ChatExample, RankingExample
+from dialoop.records import ChatExample, RankingExample
 
 T = TypeVar("T")
 

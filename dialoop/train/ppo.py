@@ -31,11 +31,11 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import Tensor
 
-from dialoop.formats.records import ChatExample, ChatMessage
 from dialoop.modeling.chat import encode_prompt, eos_token_ids, pad_token_id
 from dialoop.modeling.generation import SamplingParams, sample
 from dialoop.modeling.heads import load_reward_model, reward_model_from_lm
 from dialoop.modeling.loading import load_causal_lm, load_tokenizer
+from dialoop.records import ChatExample, ChatMessage
 from dialoop.train.checkpoint import CheckpointManager
 from dialoop.train.common import (
     NonFiniteGuard,
@@ -58,7 +58,7 @@ from dialoop.train.common import (
     total_steps,
     write_json_atomic,
 )
-from dialoop.train.loop import make_optimizer
+from dialoop.train.fit import make_optimizer
 from dialoop.train.metrics import MetricsLogger
 from dialoop.train.ppo_attention import restore_sdpa, use_fp32_attention, wants_fp32_attention
 from dialoop.train.ppo_config import PPOConfig

@@ -33,9 +33,9 @@ from accelerate.utils import DistributedType, gather_object
 from transformers import PreTrainedModel
 
 from dialoop.formats.pairs import ordered_pairs
-from dialoop.formats.records import ChatExample, ChatMessage, RankingExample
 from dialoop.modeling import encode_prompt
 from dialoop.modeling.heads import reward_model_from_lm, set_reward_bias
+from dialoop.records import ChatExample, ChatMessage, RankingExample
 from dialoop.train.common import (
     SUMMARY_FILE,
     disable_dropout,
@@ -50,7 +50,7 @@ from dialoop.train.common import (
 )
 from dialoop.train.config import RewardConfig
 from dialoop.train.data import split_heldout
-from dialoop.train.loop import finish_checkpoints, fit
+from dialoop.train.fit import finish_checkpoints, fit
 from dialoop.train.metrics import MetricsLogger
 from dialoop.train.trunk import TrunkCache, frozen_depth
 

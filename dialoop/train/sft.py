@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dialoop.formats.records import ChatExample, ChatMessage
+from dialoop.records import ChatExample, ChatMessage
 from dialoop.train.common import (
     SUMMARY_FILE,
     disable_dropout,
@@ -38,7 +38,7 @@ from dialoop.train.common import (
     write_json_atomic,
 )
 from dialoop.train.config import SFTConfig
-from dialoop.train.loop import finish_checkpoints, fit
+from dialoop.train.fit import finish_checkpoints, fit
 
 logger = logging.getLogger(__name__)
 

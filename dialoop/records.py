@@ -1,4 +1,4 @@
-"""Plain training records, the contract between `dialoop.formats` (and the store) and `dialoop.train`."""
+"""Plain records with no dependencies: the chat messages, demonstrations and rankings every layer passes around."""
 
 from __future__ import annotations
 
