@@ -1,4 +1,4 @@
-"""Plain records with no dependencies: the chat messages, demonstrations and rankings every layer passes around."""
+"""Plain records with no dependencies: chat messages, demonstrations and rankings, passed between layers."""
 
 from __future__ import annotations
 
