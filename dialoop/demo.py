@@ -38,6 +38,7 @@ from dialoop.evaluate.report import write_report
 from dialoop.loop import IterationConfig, IterationResult, record_cards, run_iteration
 from dialoop.modeling import SamplingParams, default_model_dir, load_model_and_tokenizer
 from dialoop.modeling.device import device_name, pick_device
+from dialoop.modeling.tiny import make_tiny_model
 from dialoop.sim.prompts import Prompt, generate_prompts
 from dialoop.sim.trainers import SimTrainerConfig, SimulatedTrainer, create_trainers, rank_all
 from dialoop.store.db import session_scope
@@ -349,8 +350,6 @@ def run_demo(config: DemoConfig) -> DemoResult:
     with stages("setup"):
         out.mkdir(parents=True, exist_ok=True)
         if config.tiny:
-            from dialoop.modeling.tiny import make_tiny_model
-
             base = make_tiny_model(out / "models" / "base", seed=config.seed)
         else:
             base = default_model_dir()

@@ -15,7 +15,9 @@ Each trained model is registered as a `ModelVersion` with its parent, and each t
 
 Resumable: a stage whose run is done is never redone; a stage that was interrupted (crash, kill, error)
 continues from its last checkpoint (the trainers' resume) when its data is still exactly the same, and
-starts over on the current data otherwise. This file holds no training math: it calls `dialoop.train`.
+starts over on the current data otherwise. Watchers follow an iteration through `iter-N/progress.json`
+(`dialoop.iteration.IterationProgress`), rewritten as each stage starts and ends. This file holds no
+training math: it calls `dialoop.train`.
 """
 
 from __future__ import annotations
@@ -30,15 +32,17 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from dialoop.atomic import write_atomic
 from dialoop.evaluate.card import EvalConfig, ModelSpec, evaluate_models
 from dialoop.evaluate.report import write_report
 from dialoop.formats import ranking_examples_from_store, snapshot_hash
 from dialoop.formats.store_io import conversation_chats, edit_records
+from dialoop.iteration import IterationKnobs, IterationProgress, StageOutcome, StageProgress
 from dialoop.modeling import resolve_model
 from dialoop.records import ChatExample, RankingExample
 from dialoop.settings import settings
@@ -52,10 +56,12 @@ from dialoop.store.registry import (
     set_served,
     start_run,
 )
-from dialoop.train.common import SUMMARY_FILE, write_json_atomic
+from dialoop.train.common import SUMMARY_FILE
 from dialoop.train.config import RewardConfig, SFTConfig, TrainConfig
-from dialoop.train.ppo import prompts_of_chats
+from dialoop.train.ppo import prompts_of_chats, train_ppo
 from dialoop.train.ppo_config import PPOConfig
+from dialoop.train.reward import train_reward_model
+from dialoop.train.sft import train_sft
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +77,8 @@ class NothingToTrain(RuntimeError):
 
 @dataclass
 class IterationConfig:
-    """Knobs of one iteration; each stage's config holds its training knobs (the loop sets out and model)."""
+    """Knobs of one iteration; each stage's config holds its training knobs (the loop sets out and model).
+    `from_knobs` makes one from the knobs `dialoop iterate` and the admin page take."""
 
     base_model: str | None = None  # what SFT starts from (dir or hub id; None: the embedded default)
     work_dir: Path | None = None  # runs go to WORK_DIR/iter-N/<stage> (default: DIALOOP_HOME/runs)
@@ -87,13 +94,48 @@ class IterationConfig:
     progress: bool = True
     on_stage: StageHook | None = None  # called with (stage, "start" | "done" | "reused" | "skipped")
 
+    @classmethod
+    def from_knobs(
+        cls, knobs: IterationKnobs, *, work_dir: Path | None = None, on_stage: StageHook | None = None
+    ) -> IterationConfig:
+        """The config of an iteration with these knobs; a knob left None keeps its stage's default."""
+
+        def given(**values: Any) -> dict[str, Any]:
+            return {k: v for k, v in values.items() if v is not None}
+
+        ppo_batch = knobs.ppo_batch_size
+        return cls(
+            base_model=knobs.base_model,
+            work_dir=work_dir,
+            sft=SFTConfig(
+                **given(max_steps=knobs.sft_steps, epochs=knobs.sft_epochs, lr=knobs.sft_lr),
+                precision=knobs.precision,
+            ),
+            rm=RewardConfig(
+                **given(max_steps=knobs.rm_steps, epochs=knobs.rm_epochs, lr=knobs.rm_lr),
+                precision=knobs.precision,
+            ),
+            ppo=PPOConfig(
+                **given(max_steps=knobs.ppo_steps, lr=knobs.ppo_lr, beta=knobs.ppo_beta),
+                **given(max_new_tokens=knobs.max_new_tokens),
+                **given(batch_size=ppo_batch, mini_batch_size=ppo_batch, micro_batch_size=ppo_batch),
+                precision=knobs.precision,
+            ),
+            evaluate=EvalConfig(**given(prompts=knobs.eval_prompts, max_new_tokens=knobs.max_new_tokens))
+            if knobs.eval_prompts > 0
+            else None,
+            deploy=knobs.deploy,
+            seed=knobs.seed,
+            on_stage=on_stage,
+        )
+
 
 @dataclass
 class StageResult:
     """What an iteration did in one stage."""
 
     stage: str  # sft | rm | ppo | eval
-    status: str  # trained | resumed | done (in an earlier attempt) | reused | skipped
+    status: StageOutcome
     version_id: int | None = None
     path: str | None = None
     run_id: int | None = None
@@ -277,17 +319,11 @@ class StagePlan:
 def _train(plan: StagePlan, demonstrations: list[ChatExample] | None) -> Path:
     """Run the stage's trainer (`demonstrations`: PPO-ptx's); returns the run dir that holds the model."""
     if plan.stage == "sft":
-        from dialoop.train.sft import train_sft
-
         assert isinstance(plan.config, SFTConfig)
         return train_sft(plan.config, plan.data.examples)
     if plan.stage == "rm":
-        from dialoop.train.reward import train_reward_model
-
         assert isinstance(plan.config, RewardConfig)
         return train_reward_model(plan.config, plan.data.examples)
-    from dialoop.train.ppo import train_ppo
-
     assert isinstance(plan.config, PPOConfig)
     return train_ppo(plan.config, plan.data.examples, demonstrations=demonstrations)
 
@@ -306,7 +342,7 @@ def _run_stage(
 ) -> StageResult:
     """Train one stage as a TrainingRun (resuming an interrupted attempt) and register its version."""
     run_dir = Path(plan.config.out or "")
-    status = "trained"
+    status: StageOutcome = "trained"
     with session_scope(engine) as session:
         attempts = _runs_of(session, iteration, plan.stage)
         for run in attempts:
@@ -393,7 +429,8 @@ def _stage_config(template: TrainConfig, out: Path, model: str, seed: int, progr
 
 
 class _Iteration:
-    """The state of one iteration while it runs: its number, dir, stage results and the state file."""
+    """The state of one iteration while it runs: its number, dir, stage results, the state file (what a
+    later attempt continues from) and the progress file (what watchers read)."""
 
     def __init__(self, engine: Engine, config: IterationConfig, work_dir: Path) -> None:
         self.engine, self.config = engine, config
@@ -405,14 +442,42 @@ class _Iteration:
         self.dir = work_dir / f"iter-{self.number}"
         self.stages = {k: StageResult(**v) for k, v in self.state.get("stages", {}).items()}
         self.seed = config.seed * 1000 + self.number
+        self.progress = IterationProgress(
+            iteration=self.number,
+            updated_at=time.time(),
+            stages={k: _ended(v, started_at=None) for k, v in self.stages.items()},
+        )
 
-    def save(self, status: str = "running") -> None:
+    def save(self, status: Literal["running", "done"] = "running") -> None:
         self.state.update(
             iteration=self.number,
             status=status,
             stages={k: dataclasses.asdict(v) for k, v in self.stages.items()},
         )
-        write_json_atomic(self.dir / STATE_FILE, self.state)
+        write_atomic(self.dir / STATE_FILE, json.dumps(self.state, indent=2, sort_keys=True) + "\n")
+        self.progress.status = status
+        self._write_progress()
+
+    def _write_progress(self) -> None:
+        self.progress.updated_at = time.time()
+        self.progress.write(self.dir)
+
+    def started(self, name: str) -> None:
+        """Stage `name` starts: the progress file says so, then the hook."""
+        self.progress.stages[name] = StageProgress(status="running", started_at=time.time())
+        self._write_progress()
+        self.hook(name, "start")
+
+    def ended(self, result: StageResult, event: str) -> None:
+        """A stage ended with `result`: record it, then the hook gets `event`."""
+        before = self.progress.stages.get(result.stage)
+        self._record(result, before.started_at if before is not None else time.time())
+        self.hook(result.stage, event)
+
+    def _record(self, result: StageResult, started_at: float | None) -> None:
+        self.stages[result.stage] = result
+        self.progress.stages[result.stage] = _ended(result, started_at)
+        self.save()
 
     def stage(
         self,
@@ -426,21 +491,31 @@ class _Iteration:
             return self.stages[name]
         with session_scope(self.engine) as session:
             result = _done_before(session, self.number, name)
-        if result is None:
-            decision = decide()
-            if isinstance(decision, StagePlan):
-                self.hook(name, "start")
-                result = _run_stage(self.engine, self.number, decision, rebuild, demonstrations)
-                self.hook(name, "done")
-            else:
-                result = decision
-                self.hook(name, result.status)
-        self.stages[name] = result
-        self.save()
-        return result
+        if result is not None:
+            self._record(result, started_at=None)
+            return result
+        decision = decide()
+        if isinstance(decision, StagePlan):
+            self.started(name)
+            self.ended(_run_stage(self.engine, self.number, decision, rebuild, demonstrations), "done")
+        else:
+            self.ended(decision, decision.status)
+        return self.stages[name]
 
     def config_for(self, template: TrainConfig, stage: str, model: str) -> Any:
         return _stage_config(template, self.dir / stage, model, self.seed, self.config.progress)
+
+
+def _ended(result: StageResult, started_at: float | None) -> StageProgress:
+    """The progress record of a stage that ended with `result`."""
+    return StageProgress(
+        status=result.status,
+        started_at=started_at,
+        ended_at=time.time() if started_at is not None else None,
+        seconds=round(result.seconds, 2),
+        note=result.note,
+        version_id=result.version_id,
+    )
 
 
 def run_iteration(engine: Engine, config: IterationConfig | None = None) -> IterationResult:
@@ -579,7 +654,7 @@ def _evaluate(
     replies the newest rankings hold (the new policy's, which PPO optimised against this RM, stay on the card
     as `accuracy_final_model`)."""
     assert sft.path is not None
-    it.hook("eval", "start")
+    it.started("eval")
     started = time.perf_counter()
     models = [ModelSpec("sft", Path(sft.path))]
     names = {"sft": sft.version_id}
@@ -607,11 +682,10 @@ def _evaluate(
     write_report(report, it.dir / "report", samples)
     with session_scope(it.engine) as session:
         record_cards(session, report, names, rm.version_id)
-    it.stages["eval"] = StageResult(
+    result = StageResult(
         "eval", "trained", path=str(it.dir / "report"), seconds=time.perf_counter() - started
     )
-    it.hook("eval", "done")
-    it.save()
+    it.ended(result, "done")
     return report
 
 

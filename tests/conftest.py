@@ -1,8 +1,10 @@
-"""Shared fixtures: stores on SQLite and PostgreSQL, tiny models, an isolated DIALOOP_HOME."""
+"""Shared fixtures: SQLite and PostgreSQL stores, tiny models, an isolated DIALOOP_HOME, accelerate launch."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,3 +153,38 @@ def tiny_rm_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     tokenizer = load_tokenizer(tiny_model_dir)
     rm = reward_model_from_lm(tiny_model_dir, device="cpu", tokenizer=tokenizer)
     return save_model_dir(rm, tokenizer, tmp_path_factory.mktemp("rm") / "model")
+
+
+class AccelerateLaunch:
+    """`accelerate launch` of CPU processes over gloo, one torch thread each (they share the machine's cores).
+
+    `strategy` is accelerate's flags for DDP (the default), FSDP or DeepSpeed; `script` runs a file instead
+    of `python -m dialoop.cli train`. `env` is the environment of the launch, for single-process runs to
+    match.
+    """
+
+    def __init__(self) -> None:
+        self.env = dict(os.environ)
+        cpu_only = {"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
+        self.env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **cpu_only)
+
+    def __call__(
+        self,
+        args: list[str],
+        *,
+        strategy: tuple[str, ...] = ("--multi_gpu",),
+        num_processes: int = 2,
+        script: Path | None = None,
+        timeout: float = 600,
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", *strategy]
+        cmd += ["--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no"]
+        cmd += ["--dynamo_backend", "no", "--main_process_port", "0"]
+        cmd += [str(script)] if script is not None else ["-m", "dialoop.cli", "train"]
+        return subprocess.run(cmd + args, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def accelerate_launch() -> AccelerateLaunch:
+    """Runs `accelerate launch ... -m dialoop.cli train ARGS` on 2 CPU processes by default."""
+    return AccelerateLaunch()

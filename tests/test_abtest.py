@@ -72,6 +72,7 @@ def _pairs(n: int) -> list[ABPair]:
     return [ABPair(f"prompt {i}", f"alpha says {i}", f"beta says {i}", True, i % 2 == 0) for i in range(n)]
 
 
+@pytest.mark.slow
 def test_ab_test_in_the_store_counts_ties_half_and_leaves_skips_out(engine: Engine, tmp_path: Path) -> None:
     with session_scope(engine) as session:
         admin = create_user(session, "root", "admin", "pw")
@@ -123,6 +124,7 @@ def test_ab_test_in_the_store_counts_ties_half_and_leaves_skips_out(engine: Engi
             judge_ab_task(session, tasks[2], tess, 0)
 
 
+@pytest.mark.slow
 def test_ab_test_refuses_bad_requests(engine: Engine, tmp_path: Path) -> None:
     with session_scope(engine) as session:
         admin = create_user(session, "root", "admin", "pw")
@@ -156,6 +158,7 @@ def test_ab_test_refuses_bad_requests(engine: Engine, tmp_path: Path) -> None:
         assert ab_result(session, test.id).judgements == 0
 
 
+@pytest.mark.slow
 def test_trainers_see_the_two_versions_in_their_own_random_order(engine: Engine, tmp_path: Path) -> None:
     with session_scope(engine) as session:
         admin = create_user(session, "root", "admin", "pw")
@@ -219,6 +222,7 @@ def _choose(live: Live, client: WebClient, name: str, version: str | None) -> in
     return task_id
 
 
+@pytest.mark.slow
 def test_ab_test_from_the_admin_page_to_its_result(live: Live) -> None:
     root, tess, theo = (live.client(name) for name in ("root", "tess", "theo"))
     page = root.page("/admin/ab")

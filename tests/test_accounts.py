@@ -38,6 +38,7 @@ def test_verify_password_rejects_wrong_password_and_malformed_hash() -> None:
     assert not verify_password("", "pw")
 
 
+@pytest.mark.slow
 def test_create_user_and_authenticate(engine: Engine) -> None:
     with session_scope(engine) as s:
         user = create_user(s, "alice", "trainer", "s3cret")
@@ -71,6 +72,7 @@ def test_create_user_rejects_bad_input(
         assert [u.name for u in list_users(s)] == ["alice"]
 
 
+@pytest.mark.slow
 def test_set_password_replaces_the_old_one(engine: Engine) -> None:
     with session_scope(engine) as s:
         set_password(s, create_user(s, "carol", "user", "old"), "new")

@@ -69,6 +69,7 @@ def post_form(client: WebClient, path: str, data: dict[str, Any], *, csrf: bool 
     return client.http.post(path, data=fields, headers=HTML)
 
 
+@pytest.mark.slow
 def test_every_admin_route_is_for_admins_only(live: Live) -> None:
     admin_routes = routes(admin_router)
     assert len(admin_routes) >= 18 and ("POST", "/admin/iterations") in admin_routes
@@ -191,6 +192,7 @@ def test_dashboard_counts_agreement_flags_and_reviews(live: Live, root: WebClien
     assert tile(after, "demonstrations_submitted") == 2 and tile(after, "demonstrations_accepted") == 1
 
 
+@pytest.mark.slow
 def test_users_create_role_reset_and_delete(live: Live, root: WebClient) -> None:
     engine = live.app.state.engine
     # create with a one-time password, shown once
@@ -309,6 +311,7 @@ def test_deleting_a_user_keeps_their_conversations_and_rankings(engine: Engine) 
         assert session.query(ApiKey).count() == 0
 
 
+@pytest.mark.slow
 def test_a_flag_raised_after_a_review_is_open_again(engine: Engine, tiny_model_dir: Path) -> None:
     seeded = seed_store(engine, tiny_model_dir)
     with session_scope(engine) as session:

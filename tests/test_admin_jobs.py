@@ -3,6 +3,7 @@ new policy served and listed in the chat, its report card; a failure says why; a
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from collections.abc import Callable
@@ -11,9 +12,13 @@ from typing import Any
 
 import pytest
 from admin_data import seed_store
+from pydantic import ValidationError
 from webclient import WebClient, live_web_server
 
+from dialoop.iteration import IterationKnobs, IterationProgress, StageProgress
+from dialoop.serve.jobs import IterationJob, IterationSettings, JobManager, cli_args, iteration_knobs
 from dialoop.store import session_scope
+from dialoop.store.db import make_engine
 from dialoop.store.models import ModelVersion, TrainingRun
 
 HTML = {"Accept": "text/html"}
@@ -70,6 +75,7 @@ def ended(progress: dict[str, Any]) -> bool:
     return progress["status"] != "running"
 
 
+@pytest.mark.e2e
 def test_an_iteration_from_the_web_trains_serves_and_reports(tiny_model_dir: Path, tmp_path: Path) -> None:
     with live_web_server(f"sqlite:///{tmp_path / 'store.db'}", tiny_model_dir) as live:
         seed_store(live.app.state.engine, tiny_model_dir)
@@ -135,6 +141,7 @@ def test_an_iteration_from_the_web_trains_serves_and_reports(tiny_model_dir: Pat
         assert live.app.state.registry.served == "policy-1"
 
 
+@pytest.mark.e2e
 def test_cancelling_an_iteration_interrupts_its_run(tiny_model_dir: Path, tmp_path: Path) -> None:
     # a server started in the background (`nohup dialoop serve &`) has SIGINT ignored, and its children
     # inherit that: the job must still turn the cancel into KeyboardInterrupt
@@ -173,3 +180,54 @@ def _cancel_an_iteration(tiny_model_dir: Path, tmp_path: Path) -> None:
         again = root.http.post(f"/admin/jobs/{job_id}/cancel", data={"csrf_token": root.csrf}, headers=HTML)
         assert again.status_code == 409 and "not running" in again.text
         assert live.app.state.registry.served == "tiny"
+
+
+def test_the_form_settings_are_the_iteration_knobs_with_their_bounds() -> None:
+    knob_names = [f.name for f in dataclasses.fields(IterationKnobs)]
+    assert list(IterationSettings.model_fields) == knob_names
+    assert iteration_knobs({"sft_steps": "3", "precision": "fp32"}) == IterationKnobs(
+        sft_steps=3, precision="fp32"
+    )
+    for bad in ({"sft_steps": 0}, {"ppo_lr": 1.5}, {"precision": "fp16"}, {"base_model": ""}, {"epochs": 1}):
+        with pytest.raises(ValidationError):
+            iteration_knobs(bad)
+    knobs = IterationKnobs(ppo_steps=20, base_model="m", deploy=True)
+    assert cli_args(knobs) == [
+        "--base-model=m",
+        "--ppo-steps=20",
+        "--eval-prompts=128",
+        "--seed=0",
+        "--precision=auto",
+    ]
+
+
+def test_job_progress_comes_from_the_progress_file_not_the_log(tmp_path: Path) -> None:
+    work_dir = tmp_path / "runs"
+    # progress() only reads files: no store or registry is touched
+    jobs = JobManager(make_engine("sqlite://"), None, home=tmp_path, work_dir=work_dir)  # type: ignore[arg-type]
+    log_path = tmp_path / "iterate.log"
+    log_path.write_text("sft: start\nsft: done\nrm: start\nrm: done\nppo: skipped\n")  # what stdout says
+    job = IterationJob(1, IterationKnobs(), "root", log_path, started_at=time.time() - 5)
+    assert [s["status"] for s in jobs.progress(job)["stages"]] == ["pending"] * 4  # no file yet
+
+    IterationProgress(
+        iteration=3,
+        updated_at=time.time(),
+        stages={
+            "sft": StageProgress(status="reused", seconds=0.0, note="no new demonstrations", version_id=7),
+            "rm": StageProgress(status="running", started_at=time.time()),
+        },
+    ).write(work_dir / "iter-3")
+    progress = jobs.progress(job)
+    assert progress["iteration"] == 3
+    assert [(s["name"], s["status"], s["note"]) for s in progress["stages"]] == [
+        ("sft", "reused", "no new demonstrations"),
+        ("rm", "running", ""),
+        ("ppo", "pending", ""),
+        ("eval", "pending", ""),
+    ]
+    assert progress["stages"][1]["step"] == 0  # the running stage's training progress (no metrics yet)
+    assert "rm: done" in progress["log_tail"]  # the log is still shown
+
+    job.status = "cancelled"  # the child stopped mid-stage
+    assert jobs.progress(job)["stages"][1]["status"] == "cancelled"

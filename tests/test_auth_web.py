@@ -16,7 +16,9 @@ from fastapi.testclient import TestClient
 from webclient import PASSWORD, make_web_app
 
 from dialoop.serve.app import create_app
-from dialoop.serve.auth import SESSION_COOKIE, WebSettings, configure_auth, require_role
+from dialoop.serve.auth import require_role
+from dialoop.serve.sessions import SESSION_COOKIE, configure_auth
+from dialoop.settings import WebSettings
 from dialoop.store import User, session_scope
 from dialoop.store.accounts import get_user, set_password
 

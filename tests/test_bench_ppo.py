@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from dialoop.bench.ppo import harness_prompts
@@ -28,6 +29,7 @@ def test_the_harness_prompts_are_the_trl_workload() -> None:
     assert round(sum(lengths) / len(lengths), 1) == 38.4  # the harness's mean prompt length
 
 
+@pytest.mark.e2e
 def test_bench_ppo_prints_one_json_line(tiny_model_dir: Path) -> None:
     args = ["bench", "ppo", "--json", "--model", str(tiny_model_dir), "--warmup", "1", "--steps", "2"]
     result = CliRunner().invoke(app, [*args, "--new-tokens", "4", "--threads", "1", "--precision", "fp32"])

@@ -105,6 +105,7 @@ def call(client: WebClient, method: str, path: str, body: Any) -> int:
 
 
 @pytest.mark.parametrize("intruder", ["root", "tess", "bob"])
+@pytest.mark.slow
 def test_another_user_of_any_role_gets_404_on_every_route_and_changes_nothing(
     live: Live, intruder: str
 ) -> None:
@@ -139,6 +140,7 @@ def test_anonymous_pages_redirect_to_login_and_calls_get_401(live: Live) -> None
 
 
 @pytest.mark.parametrize("name", ["root", "tess", "alice"])
+@pytest.mark.slow
 def test_each_role_uses_its_own_chat_end_to_end(live: Live, name: str, tiny_model_dir: Path) -> None:
     client = live.client(name)
     assert client.page("/chat").status_code == 200
@@ -221,6 +223,7 @@ def test_deleting_a_chat_used_by_comparison_tasks_hides_it_and_keeps_the_data(li
         assert conv is not None and conv.status == "deleted" and len(conv.messages) == 3
 
 
+@pytest.mark.slow
 def test_chat_tree_feedback_and_delete_on_sqlite_and_postgresql(db_url: str, tiny_model_dir: Path) -> None:
     """The store side of the chat routes (no generation) on both databases."""
     app = make_web_app(db_url, tiny_model_dir)
@@ -398,7 +401,7 @@ def test_bad_input_is_refused_with_a_message_and_saves_nothing(live: Live) -> No
         ({"parent_id": ids["uid"], "content": "hi"}, 422, "follows an assistant"),
         ({"parent_id": 10**9, "content": "hi"}, 404, "no message"),
         ({"parent_id": ids["aid"], "content": "x" * 40_000}, 413, "limit"),
-        ({"parent_id": ids["aid"], "content": "hi", "model": "nope"}, 422, "nope"),
+        ({"parent_id": ids["aid"], "content": "hi", "model": "nope"}, 404, "nope"),
         ({"parent_id": ids["aid"], "content": "hi", "max_tokens": 100_000}, 422, "max_tokens"),
         ({"parent_id": ids["aid"], "content": "hi", "max_tokens": 2040}, 413, "context"),
         ({"parent_id": ids["aid"], "content": "hi", "temperature": 5}, 422, "temperature"),

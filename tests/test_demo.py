@@ -20,6 +20,8 @@ from dialoop.modeling.device import device_name, pick_device
 from dialoop.store.db import make_engine, session_scope
 from dialoop.store.models import Candidate, ComparisonTask, Conversation, ModelVersion, Ranking, TrainingRun
 
+pytestmark = pytest.mark.e2e
+
 EXAMPLES = Path(__file__).parent.parent / "examples"
 CARD_FIELDS = {
     "name",

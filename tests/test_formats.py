@@ -12,7 +12,6 @@ import pytest
 
 from dialoop.formats import (
     FormatError,
-    RankingExample,
     hh_rlhf,
     read_chat_examples,
     read_ranking_examples,
@@ -22,6 +21,7 @@ from dialoop.formats.jsonl import NotRepresentable, dumps, parse_lines, write_li
 from dialoop.formats.oasst import ranks_from_rankings
 from dialoop.formats.pairs import ordered_pairs
 from dialoop.formats.registry import get_format
+from dialoop.records import RankingExample
 
 DATA = Path(__file__).parent / "data"
 FIXTURES = {

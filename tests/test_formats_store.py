@@ -71,6 +71,7 @@ def _counts(engine: Engine) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.slow
 def test_export_import_export_is_byte_identical(
     engine: Engine, fresh_engine: Engine, tmp_path: Path, fmt: str
 ) -> None:
@@ -321,6 +322,7 @@ def test_oasst_export_derives_ranks_from_rankings(engine: Engine, tmp_path: Path
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.slow
 def test_native_data_round_trips_byte_identical(
     engine: Engine, fresh_engine: Engine, tmp_path: Path, fmt: str
 ) -> None:

@@ -23,6 +23,7 @@ from dialoop.demo import demo_config
 from dialoop.evaluate.card import EvalConfig
 from dialoop.formats import chat_examples_from_store, ranking_examples_from_store, snapshot_hash
 from dialoop.formats.store_io import edit_records
+from dialoop.iteration import IterationKnobs, IterationProgress
 from dialoop.loop import IterationConfig, NothingToTrain, run_iteration
 from dialoop.modeling import SamplingParams, load_model_and_tokenizer
 from dialoop.sim.prompts import generate_prompts
@@ -30,6 +31,7 @@ from dialoop.sim.trainers import SimTrainerConfig, create_trainers, rank_all
 from dialoop.store.db import make_engine, session_scope
 from dialoop.store.models import Conversation, ModelVersion, Ranking, TrainingRun
 from dialoop.store.registry import ensure_base_version, served_model
+from dialoop.train.config import SFTConfig
 
 FAST = SimTrainerConfig(
     suggestions=2,
@@ -90,6 +92,7 @@ def _version(engine: Engine, name: str) -> ModelVersion:
         return version
 
 
+@pytest.mark.e2e
 def test_iterations_train_what_is_new_and_record_exactly_which_data(
     store: Engine, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -177,6 +180,7 @@ class Crash(RuntimeError):
     pass
 
 
+@pytest.mark.e2e
 def test_a_failed_iteration_continues_without_redoing_finished_stages(
     store: Engine, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -190,6 +194,15 @@ def test_a_failed_iteration_continues_without_redoing_finished_stages(
 
     with pytest.raises(Crash):
         run_iteration(store, _config(tmp_path, tiny_model_dir, on_stage=crash_at_ppo))
+    # the progress file says how far the crashed attempt got, as watchers (the admin page) read it
+    crashed = IterationProgress.read(tmp_path / "runs" / "iter-1")
+    assert crashed is not None and crashed.status == "running"
+    assert {k: s.status for k, s in crashed.stages.items()} == {
+        "sft": "trained",
+        "rm": "trained",
+        "ppo": "running",
+    }
+    assert crashed.stages["sft"].version_id is not None and crashed.stages["ppo"].started_at is not None
     sft_dir = tmp_path / "runs" / "iter-1" / "sft"
     sft_written = (sft_dir / "model.safetensors").stat().st_mtime_ns
 
@@ -205,6 +218,11 @@ def test_a_failed_iteration_continues_without_redoing_finished_stages(
         "ppo": "trained",
     }
     assert events == [("ppo", "start"), ("ppo", "done")]  # SFT and RM were not run again
+    done = IterationProgress.read(tmp_path / "runs" / "iter-1")
+    assert done is not None and done.status == "done"
+    assert {k: (s.status, s.version_id) for k, s in done.stages.items()} == {
+        k: (s.status, s.version_id) for k, s in result.stages.items()
+    }
     assert (sft_dir / "model.safetensors").stat().st_mtime_ns == sft_written
     assert [r.status for r in _runs(store, "sft")] == ["done"]
     assert [r.status for r in _runs(store, "ppo")] == ["done"]
@@ -224,12 +242,27 @@ KILLED_RUN = textwrap.dedent(
 )
 
 
+def test_the_iteration_knobs_set_the_stage_configs() -> None:
+    config = IterationConfig.from_knobs(
+        IterationKnobs(sft_steps=3, rm_lr=1e-4, ppo_batch_size=2, max_new_tokens=9, eval_prompts=0),
+        work_dir=Path("runs"),
+    )
+    assert (config.sft.max_steps, config.sft.lr) == (3, SFTConfig().lr)  # unset knobs keep the defaults
+    assert config.rm.lr == 1e-4 and config.work_dir == Path("runs") and config.evaluate is None
+    ppo = config.ppo
+    assert (ppo.batch_size, ppo.mini_batch_size, ppo.micro_batch_size, ppo.max_new_tokens) == (2, 2, 2, 9)
+    card = IterationConfig.from_knobs(IterationKnobs(eval_prompts=5, max_new_tokens=9, precision="fp32"))
+    assert card.evaluate is not None and (card.evaluate.prompts, card.evaluate.max_new_tokens) == (5, 9)
+    assert card.sft.precision == card.rm.precision == card.ppo.precision == "fp32"
+
+
 def _kill_config(tmp_path: Path, base: Path) -> IterationConfig:
     config = _config(tmp_path, base)
     config.sft.max_steps, config.sft.checkpoint_every = 60, 3
     return config
 
 
+@pytest.mark.e2e
 def test_an_iteration_killed_mid_stage_resumes_from_its_checkpoint(
     sqlite_url: str, store: Engine, tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -260,6 +293,7 @@ def test_an_iteration_killed_mid_stage_resumes_from_its_checkpoint(
     assert resumed.metrics["steps"] == 60
 
 
+@pytest.mark.e2e
 def test_iterate_command_trains_sft_on_the_configured_store(
     sqlite_url: str, store: Engine, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

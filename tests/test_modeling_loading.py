@@ -82,6 +82,7 @@ def test_ensure_special_tokens_adds_a_pad_when_the_vocab_has_none() -> None:
     assert (model.config.eos_token_id, model.config.pad_token_id) == (2, 3)
 
 
+@pytest.mark.slow
 def test_save_model_dir_round_trips(tiny_model_dir: Path, tmp_path: Path) -> None:
     model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
     out = save_model_dir(model, tokenizer, tmp_path / "saved")

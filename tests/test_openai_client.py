@@ -21,8 +21,8 @@ from transformers import AutoTokenizer
 from dialoop.modeling.chat import encode_prompt
 from dialoop.modeling.tiny import make_tiny_model
 from dialoop.serve.app import create_app, serve_in_background
-from dialoop.serve.deps import ServeSettings
 from dialoop.serve.worker import GenerationWorker
+from dialoop.settings import ServeSettings
 from dialoop.store import session_scope
 from dialoop.store.accounts import create_api_key, create_user
 from dialoop.store.registry import register_model_version, served_model
@@ -227,6 +227,7 @@ def test_concurrent_requests_are_decoded_in_one_batch(live: Live) -> None:
     assert new_batches == [4]
 
 
+@pytest.mark.slow
 def test_a_full_queue_answers_429_with_retry_after(tiny_model_dir: Path, sqlite_url: str) -> None:
     with live_server(sqlite_url, tiny_model_dir, max_queue=1, max_batch=1) as server:
         client = server.client()
@@ -255,6 +256,7 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_model_dir: Path, sqlite_
         assert queued and queued[0].choices[0].finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_switching_the_served_model_keeps_in_flight_requests(
     tiny_model_dir: Path, sqlite_url: str, tmp_path: Path
 ) -> None:

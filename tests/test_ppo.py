@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from dialoop.modeling import generation
+from dialoop.cli.data_sources import load_prompts, read_prompt_lines
+from dialoop.modeling import generation, scoring
 from dialoop.modeling.chat import encode_prompt
 from dialoop.modeling.generation import Completion
 from dialoop.modeling.heads import (
@@ -22,19 +23,17 @@ from dialoop.modeling.heads import (
 )
 from dialoop.modeling.loading import load_causal_lm, load_tokenizer
 from dialoop.records import ChatExample
-from dialoop.train import rollout
-from dialoop.train.common import make_accelerator, seed_everything
-from dialoop.train.metrics import read_metrics
+from dialoop.run_metrics import read_metrics
+from dialoop.train.common import seed_everything
 from dialoop.train.ppo import (
     PPOConfig,
-    PPOTrainer,
+    PPORun,
     encode_prompts,
     load_ppo_models,
-    load_prompts,
     prompts_of_chats,
-    read_prompt_lines,
     train_ppo,
 )
+from dialoop.train.strategy import make_strategy
 
 TARGETS = range(3072)  # the programmatic reward counts reply tokens with these ids (1/16 of the vocabulary)
 PROMPTS = [
@@ -79,12 +78,12 @@ def config(model: Path, **overrides: object) -> PPOConfig:
     return PPOConfig(**(base | overrides))  # type: ignore[arg-type]
 
 
-def make_trainer(cfg: PPOConfig, reward_fn: object = count_targets) -> PPOTrainer:
-    accelerator = make_accelerator(cfg, gradient_accumulation_steps=1)
+def make_run(cfg: PPOConfig, reward_fn: object = count_targets) -> PPORun:
+    strategy = make_strategy(cfg, gradient_accumulation_steps=1)
     seed_everything(cfg.seed)  # the value model's fresh head is drawn from it
     tokenizer = load_tokenizer(cfg.model)
-    models = load_ppo_models(cfg, tokenizer, accelerator, reward_fn)  # type: ignore[arg-type]
-    return PPOTrainer(cfg, accelerator, models, tokenizer, encode_prompts(tokenizer, PROMPTS, 500))
+    models = load_ppo_models(cfg, tokenizer, strategy, reward_fn)  # type: ignore[arg-type]
+    return PPORun(cfg, strategy, models, tokenizer, encode_prompts(tokenizer, PROMPTS, 500))
 
 
 def test_scoring_matches_full_forward_passes(tiny_model_dir: Path, tiny_rm_dir: Path) -> None:
@@ -92,10 +91,10 @@ def test_scoring_matches_full_forward_passes(tiny_model_dir: Path, tiny_rm_dir: 
     policy = load_causal_lm(tiny_model_dir, device="cpu")
     prompts = [encode_prompt(tokenizer, p) for p in PROMPTS[:3]]
     replies = [Completion([5, 6, 7, 2], True), Completion([9], False), Completion([11, 12, 2], True)]
-    exp = rollout.pack_rollouts(prompts, replies, tokenizer.pad_token_id, torch.device("cpu"))
-    assert rollout.shared_prefix_len(exp) >= 8  # the template's system prompt runs once for all rows
+    exp = scoring.pack_rollouts(prompts, replies, tokenizer.pad_token_id, torch.device("cpu"))
+    assert scoring.shared_prefix_len(exp) >= 8  # the template's system prompt runs once for all rows
 
-    got = rollout.response_logprobs(policy, exp, temperature=0.7)
+    got = scoring.response_logprobs(policy, exp, temperature=0.7)
     for b, (prompt, reply) in enumerate(zip(prompts, replies, strict=True)):
         ids = torch.tensor([prompt + reply.token_ids])
         logits = policy(input_ids=ids).logits[0, len(prompt) - 1 : -1] / 0.7
@@ -105,10 +104,10 @@ def test_scoring_matches_full_forward_passes(tiny_model_dir: Path, tiny_rm_dir: 
 
     rm = load_reward_model(tiny_rm_dir, device="cpu")
     torch.testing.assert_close(
-        rollout.reward_model_scores(rm, exp), last_token_scores(rm, exp.input_ids, exp.attention_mask)
+        scoring.reward_model_scores(rm, exp), last_token_scores(rm, exp.input_ids, exp.attention_mask)
     )
     full = per_token_values(rm, exp.input_ids, exp.attention_mask)
-    values = rollout.response_values(rm, exp)
+    values = scoring.response_values(rm, exp)
     for b, prompt in enumerate(prompts):
         n = len(replies[b].token_ids)
         torch.testing.assert_close(values[b, :n], full[b, len(prompt) - 1 : len(prompt) - 1 + n])
@@ -121,20 +120,21 @@ def test_shared_prefix_gives_the_gradients_of_full_passes(
     policy = load_causal_lm(tiny_model_dir, device="cpu", dtype=torch.float64)
     prompts = [encode_prompt(tokenizer, p) for p in PROMPTS[:3]]
     replies = [Completion([5, 6, 2], True), Completion([9, 3], False), Completion([11], False)]
-    exp = rollout.pack_rollouts(prompts, replies, tokenizer.pad_token_id, torch.device("cpu"))
+    exp = scoring.pack_rollouts(prompts, replies, tokenizer.pad_token_id, torch.device("cpu"))
 
     def grads() -> list[torch.Tensor]:
         policy.zero_grad()
-        rollout.response_logprobs(policy, exp, 1.0).sum().backward()
+        scoring.response_logprobs(policy, exp, 1.0).sum().backward()
         return [p.grad.clone() for p in policy.parameters() if p.grad is not None]
 
     shared = grads()
     monkeypatch.setattr(generation, "MIN_SHARED_PREFIX", 10**6)
-    assert rollout.shared_prefix_len(exp) == 0
+    assert scoring.shared_prefix_len(exp) == 0
     for a, b in zip(shared, grads(), strict=True):
         assert float((a - b).norm()) <= 1e-6 * float(b.norm())
 
 
+@pytest.mark.slow
 def test_ppo_raises_a_programmatic_reward_while_the_kl_stays_bounded(
     peaky_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -162,61 +162,70 @@ def test_ppo_raises_a_programmatic_reward_while_the_kl_stays_bounded(
 
 
 def test_replies_without_eos_score_the_penalty(tiny_model_dir: Path) -> None:
-    trainer = make_trainer(config(tiny_model_dir, no_eos_score=-1.0), reward_fn=lambda p, r: [5.0] * len(r))
-    metrics = trainer.step()
+    run = make_run(config(tiny_model_dir, no_eos_score=-1.0), reward_fn=lambda p, r: [5.0] * len(r))
+    metrics = run.step()
     # a random tiny model never says <|im_end|> within 8 tokens: every reply is cut and penalised
     assert metrics["eos_fraction"] == 0.0 and metrics["reply_length"] == 8.0
     assert metrics["score_raw"] == pytest.approx(5.0)
     assert metrics["score"] == pytest.approx(-1.0)
 
 
+@pytest.mark.slow
 def test_old_log_probs_and_values_from_the_first_pass_equal_separate_scoring_passes(
     tiny_model_dir: Path,
 ) -> None:
-    fused = make_trainer(config(tiny_model_dir))
-    both = make_trainer(config(tiny_model_dir, fused_value_pass=True))
-    separate = make_trainer(config(tiny_model_dir, micro_batch_size=4))
-    assert fused.fused_old and not fused.fused_values and both.fused_values and not separate.fused_old
+    fused = make_run(config(tiny_model_dir))
+    both = make_run(config(tiny_model_dir, fused_value_pass=True))
+    separate = make_run(config(tiny_model_dir, micro_batch_size=4))
+    assert (
+        fused.learner.fused_old
+        and not fused.learner.fused_values
+        and both.learner.fused_values
+        and not separate.learner.fused_old
+    )
     for _ in range(2):
         a, b, c = fused.step(), both.step(), separate.step()
         for key in ("score", "kl", "policy_loss", "value_loss", "approx_kl", "entropy"):
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
             assert c[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
     for other in (both, separate):
-        for p, q in zip(fused.policy.parameters(), other.policy.parameters(), strict=True):
+        for p, q in zip(fused.learner.policy.parameters(), other.learner.policy.parameters(), strict=True):
             torch.testing.assert_close(p, q, atol=1e-4, rtol=0)
-        for p, q in zip(fused.value.parameters(), other.value.parameters(), strict=True):
+        for p, q in zip(fused.learner.value.parameters(), other.learner.value.parameters(), strict=True):
             torch.testing.assert_close(p, q, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_lora_uses_one_copy_of_the_weights_and_trains(tiny_model_dir: Path, tiny_rm_dir: Path) -> None:
     cfg = config(tiny_model_dir, reward_model=str(tiny_rm_dir), lora_r=4, lr=1e-2, max_steps=3)
-    accelerator = make_accelerator(cfg, gradient_accumulation_steps=1)
+    strategy = make_strategy(cfg, gradient_accumulation_steps=1)
     tokenizer = load_tokenizer(tiny_model_dir)
-    models = load_ppo_models(cfg, tokenizer, accelerator)
+    models = load_ppo_models(cfg, tokenizer, strategy)
     # the reference is the policy with its adapters disabled, the reward model the value model's
     assert models.ref is None and models.reward is None
-    trainer = PPOTrainer(cfg, accelerator, models, tokenizer, encode_prompts(tokenizer, PROMPTS, 500))
-    assert trainer.sampler is None
-    base_before = {n: p.clone() for n, p in trainer.policy.named_parameters() if not p.requires_grad}
+    run = PPORun(cfg, strategy, models, tokenizer, encode_prompts(tokenizer, PROMPTS, 500))
+    assert run.sampler is None
+    base_before = {n: p.clone() for n, p in run.learner.policy.named_parameters() if not p.requires_grad}
     rm = load_reward_model(tiny_rm_dir, device="cpu")
 
-    first = trainer.step()
+    first = run.step()
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # LoRA starts as a no-op: policy == reference
     for _ in range(2):
-        trainer.step()
+        run.step()
     # the value model learnt; the reward model (its adapters disabled) did not
     ids = torch.tensor([[*encode_prompt(tokenizer, PROMPTS[0]), 5, 6, 2]])
     mask = torch.ones_like(ids)
-    with trainer.value.disable_adapter():  # type: ignore[operator]
+    with run.learner.value.disable_adapter():  # type: ignore[operator]
         torch.testing.assert_close(
-            last_token_scores(trainer.value, ids, mask), last_token_scores(rm, ids, mask)
+            last_token_scores(run.learner.value, ids, mask), last_token_scores(rm, ids, mask)
         )
-    assert not torch.allclose(last_token_scores(trainer.value, ids, mask), last_token_scores(rm, ids, mask))
-    for name, param in trainer.policy.named_parameters():
+    assert not torch.allclose(
+        last_token_scores(run.learner.value, ids, mask), last_token_scores(rm, ids, mask)
+    )
+    for name, param in run.learner.policy.named_parameters():
         if name in base_before:
             assert torch.equal(param, base_before[name]), name  # frozen base weights
-    merged = trainer.final_policy()
+    merged = run.learner.final_policy()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     diff = max(
         float((a - b).detach().abs().max())
@@ -225,36 +234,38 @@ def test_lora_uses_one_copy_of_the_weights_and_trains(tiny_model_dir: Path, tiny
     assert diff > 1e-4  # the adapters, merged in, changed the policy
 
 
+@pytest.mark.slow
 def test_the_kl_leash_is_to_the_reference_model(peaky_model_dir: Path, tiny_model_dir: Path) -> None:
     """PPO continued from an earlier policy (here: the peaky model) keeps its KL penalty to the SFT model."""
-    alone = make_trainer(config(peaky_model_dir, max_steps=1)).step()
+    alone = make_run(config(peaky_model_dir, max_steps=1)).step()
     assert alone["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before any update
     for lora_r in (0, 4):
         cfg = config(peaky_model_dir, max_steps=1, lora_r=lora_r, reference_model=str(tiny_model_dir))
-        trainer = make_trainer(cfg)
-        assert trainer.ref is not None  # LoRA's disabled adapters would give the policy, not the SFT model
-        first = trainer.step()
+        run = make_run(cfg)
+        assert run.ref is not None  # LoRA's disabled adapters would give the policy, not the SFT model
+        first = run.step()
         assert first["kl"] > 1.0, lora_r  # the peaky policy is far from the flat SFT model
 
 
+@pytest.mark.slow
 def test_ptx_and_ema_options(tiny_model_dir: Path) -> None:
     demos = [
         ChatExample([{"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": f"Hello {i}!"}])
         for i in range(5)
     ]
     cfg = config(tiny_model_dir, ptx_coef=0.5, ptx_batch_size=2, ema_decay=0.5)
-    accelerator = make_accelerator(cfg, gradient_accumulation_steps=1)
+    strategy = make_strategy(cfg, gradient_accumulation_steps=1)
     tokenizer = load_tokenizer(tiny_model_dir)
-    models = load_ppo_models(cfg, tokenizer, accelerator, count_targets)
-    trainer = PPOTrainer(
-        cfg, accelerator, models, tokenizer, encode_prompts(tokenizer, PROMPTS, 500), demonstrations=demos
+    models = load_ppo_models(cfg, tokenizer, strategy, count_targets)
+    run = PPORun(
+        cfg, strategy, models, tokenizer, encode_prompts(tokenizer, PROMPTS, 500), demonstrations=demos
     )
-    metrics = trainer.step()
+    metrics = run.step()
     assert metrics["ptx_loss"] > 0
-    assert trainer.ema is not None
-    ema = {n: p.clone() for n, p in trainer.ema.params.items()}
-    current = {n: p.clone() for n, p in trainer.policy.named_parameters()}
-    final = trainer.final_policy()
+    assert run.learner.ema is not None
+    ema = {n: p.clone() for n, p in run.learner.ema.params.items()}
+    current = {n: p.clone() for n, p in run.learner.policy.named_parameters()}
+    final = run.learner.final_policy()
     for name, param in final.named_parameters():
         torch.testing.assert_close(param, ema[name])
     assert any(not torch.equal(ema[n], current[n]) for n in ema)  # the average lags the last weights
@@ -316,35 +327,36 @@ def test_bad_configurations_fail_clearly(tiny_model_dir: Path) -> None:
     cfg = config(tiny_model_dir)
     with pytest.raises(ValueError, match="--reward-model"):
         load_ppo_models(
-            cfg, load_tokenizer(tiny_model_dir), make_accelerator(cfg, gradient_accumulation_steps=1)
+            cfg, load_tokenizer(tiny_model_dir), make_strategy(cfg, gradient_accumulation_steps=1)
         )
 
 
+@pytest.mark.slow
 def test_the_frozen_trunk_runs_once_per_step_and_changes_no_number(
     tiny_model_dir: Path, tiny_rm_dir: Path
 ) -> None:
     """With the bottom block frozen, policy and reference share it, and so do value and reward model: their
     bottom block runs once per pass of a step's rollouts, and every metric and weight stays the same."""
     options: dict[str, object] = dict(reward_model=str(tiny_rm_dir), trainable_layers=1)
-    cached = make_trainer(config(tiny_model_dir, **options), reward_fn=None)
-    plain = make_trainer(config(tiny_model_dir, **options, frozen_trunk_cache=False), reward_fn=None)
+    cached = make_run(config(tiny_model_dir, **options), reward_fn=None)
+    plain = make_run(config(tiny_model_dir, **options, frozen_trunk_cache=False), reward_fn=None)
     assert plain.trunk is None and cached.trunk is not None
     trunks = cached.trunk._trunks
-    assert trunks[id(cached.policy)] == trunks[id(cached.ref)]
-    assert trunks[id(cached.value)] == trunks[id(cached.reward)]
-    assert trunks[id(cached.policy)] != trunks[id(cached.value)]  # other weights: not shared
+    assert trunks[id(cached.learner.policy)] == trunks[id(cached.ref)]
+    assert trunks[id(cached.learner.value)] == trunks[id(cached.reward)]
+    assert trunks[id(cached.learner.policy)] != trunks[id(cached.learner.value)]  # other weights: not shared
 
     bottom = [0, 0]  # computations of the policy's bottom block: cached, plain
-    for i, trainer in enumerate((cached, plain)):
-        block = trainer.policy.model.layers[0].mlp  # runs only when the block computes
+    for i, run in enumerate((cached, plain)):
+        block = run.learner.policy.model.layers[0].mlp  # runs only when the block computes
         block.register_forward_hook(lambda *_, i=i: bottom.__setitem__(i, bottom[i] + 1))
     for _ in range(2):
         a, b = cached.step(), plain.step()
         for key in ("score", "kl", "policy_loss", "value_loss", "approx_kl", "entropy", "clip_frac"):
             assert a[key] == b[key], key
     for p, q in zip(
-        [*cached.policy.parameters(), *cached.value.parameters()],
-        [*plain.policy.parameters(), *plain.value.parameters()],
+        [*cached.learner.policy.parameters(), *cached.learner.value.parameters()],
+        [*plain.learner.policy.parameters(), *plain.learner.value.parameters()],
         strict=True,
     ):
         assert torch.equal(p, q)

@@ -4,7 +4,6 @@ with SIGKILL resumes (`--resume`) to exactly the weights of an uninterrupted run
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,12 +18,7 @@ from dialoop.cli import app
 
 VENV_BIN = Path(sys.executable).parent
 
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    # one thread per process: two processes share this machine's cores
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", CUDA_VISIBLE_DEVICES="")
-    return env
+pytestmark = pytest.mark.distributed
 
 
 def _prompts(tmp_path: Path) -> Path:
@@ -44,7 +38,7 @@ def _max_weight_diff(a: Path, b: Path) -> float:
 
 
 def test_two_processes_follow_the_one_process_run(
-    tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path, accelerate_launch
 ) -> None:
     common = ["ppo", "--model", str(tiny_model_dir), "--reward-model", str(tiny_rm_dir)]
     common += ["--prompts", str(_prompts(tmp_path)), "--max-steps", "1", "--batch-size", "8"]
@@ -53,32 +47,7 @@ def test_two_processes_follow_the_one_process_run(
 
     result = CliRunner().invoke(app, ["train", *common, "--out", str(tmp_path / "one")])
     assert result.exit_code == 0, result.output
-    cmd = [
-        str(VENV_BIN / "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-    ]
-    cmd += [
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-        "-m",
-        "dialoop.train",
-    ]
-    done = subprocess.run(
-        [*cmd, *common, "--out", str(tmp_path / "two")],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = accelerate_launch([*common, "--out", str(tmp_path / "two")])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     # one step: after it, a weight difference of 1e-7 can flip a sampled token (seen on an AVX2-only CPU at
@@ -93,9 +62,10 @@ def test_two_processes_follow_the_one_process_run(
 
 
 def test_a_ppo_run_killed_mid_way_resumes_to_the_same_weights(
-    tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path, accelerate_launch
 ) -> None:
-    args = [str(VENV_BIN / "python"), "-m", "dialoop.train", "ppo", "--model", str(tiny_model_dir)]
+    env = accelerate_launch.env  # one process, as each of the launched ones
+    args = [str(VENV_BIN / "python"), "-m", "dialoop.cli", "train", "ppo", "--model", str(tiny_model_dir)]
     args += ["--reward-model", str(tiny_rm_dir), "--prompts", str(_prompts(tmp_path)), "--max-steps", "10"]
     args += ["--batch-size", "4", "--mini-batch-size", "2", "--micro-batch-size", "2", "--ppo-epochs", "2"]
     # the adaptive KL coefficient, the EMA and the bf16 sampling copy (where bf16 is fast) are state too
@@ -104,7 +74,7 @@ def test_a_ppo_run_killed_mid_way_resumes_to_the_same_weights(
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        [*args, "--out", str(killed)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [*args, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "step-000004").exists():
@@ -115,11 +85,11 @@ def test_a_ppo_run_killed_mid_way_resumes_to_the_same_weights(
     assert not (killed / "model.safetensors").exists()  # it died mid-way, without its final model
 
     resumed = subprocess.run(
-        [*args, "--out", str(killed), "--resume"], env=_env(), capture_output=True, timeout=600
+        [*args, "--out", str(killed), "--resume"], env=env, capture_output=True, timeout=600
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     straight = subprocess.run(
-        [*args, "--out", str(tmp_path / "straight")], env=_env(), capture_output=True, timeout=600
+        [*args, "--out", str(tmp_path / "straight")], env=env, capture_output=True, timeout=600
     )
     assert straight.returncode == 0, straight.stderr[-3000:]
 

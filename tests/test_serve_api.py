@@ -17,8 +17,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from dialoop.serve.app import create_app, serve_in_background
-from dialoop.serve.deps import ServeSettings
 from dialoop.serve.worker import GenerationWorker
+from dialoop.settings import ServeSettings
 from dialoop.store import session_scope
 from dialoop.store.accounts import create_api_key, create_user, revoke_api_key
 
@@ -246,6 +246,7 @@ def test_an_empty_store_says_how_to_create_the_first_admin(
     assert "users add" not in caplog.text
 
 
+@pytest.mark.e2e
 def test_the_serving_benchmark_runs_end_to_end(tiny_model_dir: Path) -> None:
     """`dialoop bench serve` starts `dialoop serve` in a subprocess: this also covers the CLI."""
     from dialoop.bench.serve import bench_serve

@@ -40,6 +40,7 @@ def tiny(tiny_model_dir: Path) -> tuple[Any, Any]:
     return load_model_and_tokenizer(tiny_model_dir)
 
 
+@pytest.mark.slow
 def test_simulated_trainers_collect_demonstrations_chats_and_rankings(
     engine: Engine, tiny: tuple[Any, Any], tiny_model_dir: Path
 ) -> None:

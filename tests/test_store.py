@@ -192,6 +192,7 @@ def test_json_columns_round_trip(engine: Engine) -> None:
         )
 
 
+@pytest.mark.slow
 def test_postgres_tests_skip_with_a_message_when_no_server_answers() -> None:
     dead = "postgresql+psycopg://postgres@127.0.0.1:1/postgres"
     proc = subprocess.run(

@@ -12,19 +12,19 @@ import torch
 from typer.testing import CliRunner
 
 from dialoop.cli import app
+from dialoop.run_metrics import read_metrics
 from dialoop.train.checkpoint import CheckpointManager
 from dialoop.train.common import (
-    NonFiniteLossError,
     TrainState,
     global_batch_indices,
-    make_accelerator,
     prepare_run_dir,
     resolve_precision,
     total_steps,
 )
 from dialoop.train.config import RewardConfig, SFTConfig, TrainConfig
 from dialoop.train.fit import LossFn, cosine_with_warmup, fit
-from dialoop.train.metrics import MetricsLogger, read_metrics
+from dialoop.train.metrics import MetricsLogger
+from dialoop.train.strategy import NonFiniteLossError, make_strategy
 
 
 def test_data_order_visits_every_example_once_per_epoch_and_depends_only_on_seed_and_step() -> None:
@@ -84,7 +84,8 @@ def _nan_at(steps: set[int], calls: list[int]) -> LossFn[int]:
 def test_a_nonfinite_loss_skips_the_update_and_is_counted(tmp_path: Path) -> None:
     config = TrainConfig(out=tmp_path / "run", lr=0.1, batch_size=1, micro_batch_size=1, max_steps=4)
     config.progress, config.checkpoint_every, config.precision = False, 0, "fp32"
-    accelerator = make_accelerator(config)
+    strategy = make_strategy(config)
+    accelerator = strategy.accelerator
     run_dir = prepare_run_dir(config, "test", accelerator)
     weights: list[torch.Tensor] = []
 
@@ -99,7 +100,7 @@ def test_a_nonfinite_loss_skips_the_update_and_is_counted(tmp_path: Path) -> Non
 
     _, state = fit(
         config,
-        accelerator,
+        strategy,
         model,
         [1, 2, 3],
         loss_fn=recording_loss,
@@ -121,13 +122,14 @@ def test_a_nonfinite_loss_skips_the_update_and_is_counted(tmp_path: Path) -> Non
 def test_five_nonfinite_losses_in_a_row_stop_the_run(tmp_path: Path) -> None:
     config = TrainConfig(out=tmp_path / "run", batch_size=1, micro_batch_size=1, max_steps=20)
     config.progress, config.checkpoint_every, config.precision = False, 0, "fp32"
-    accelerator = make_accelerator(config)
+    strategy = make_strategy(config)
+    accelerator = strategy.accelerator
     run_dir = prepare_run_dir(config, "test", accelerator)
     calls: list[int] = []
     with pytest.raises(NonFiniteLossError, match="5 steps in a row"):
         fit(
             config,
-            accelerator,
+            strategy,
             _Linear(),
             [1, 2],
             loss_fn=_nan_at(set(range(3, 100)), calls),
@@ -140,7 +142,7 @@ def test_five_nonfinite_losses_in_a_row_stop_the_run(tmp_path: Path) -> None:
 
 def test_checkpoints_are_atomic_and_a_partial_one_is_ignored(tmp_path: Path) -> None:
     config = TrainConfig(out=tmp_path / "run", precision="fp32")
-    accelerator = make_accelerator(config)
+    accelerator = make_strategy(config).accelerator
     model = accelerator.prepare(_Linear())
     manager = CheckpointManager(tmp_path / "run", accelerator, keep=2)
     for step in (2, 4, 6):
@@ -175,9 +177,9 @@ def test_run_dir_is_not_overwritten_without_resume(tmp_path: Path) -> None:
     (out / "something").write_text("x")
     config = TrainConfig(out=out, precision="fp32")
     with pytest.raises(FileExistsError, match="--resume"):
-        prepare_run_dir(config, "sft", make_accelerator(config))
+        prepare_run_dir(config, "sft", make_strategy(config).accelerator)
     config.resume = True
-    assert prepare_run_dir(config, "sft", make_accelerator(config)) == out
+    assert prepare_run_dir(config, "sft", make_strategy(config).accelerator) == out
     assert json.loads((out / "train_config.json").read_text())["stage"] == "sft"
 
 

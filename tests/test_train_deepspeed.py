@@ -16,23 +16,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_distributed import _env, _losses, _write_data
+from test_train_distributed import _losses, _write_data
 from test_train_fsdp import _crashed_after, _max_diff, _ppo_args, _train_rows, _weights
 from typer.testing import CliRunner
 
 from dialoop.cli import app
 
-VENV_BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.distributed
 
 
-def _launch_deepspeed(
-    args: list[str], *, zero: int, script: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    cmd = [str(VENV_BIN / "accelerate"), "launch", "--use_deepspeed", "--zero_stage", str(zero)]
-    cmd += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-    cmd += ["--dynamo_backend", "no", "--main_process_port", "0"]
-    cmd += [str(script)] if script is not None else ["-m", "dialoop.train"]
-    return subprocess.run(cmd + args, env=_env(), capture_output=True, text=True, timeout=600)
+@pytest.fixture
+def launch_deepspeed(accelerate_launch):
+    """`accelerate launch --use_deepspeed --zero_stage ZERO` on 2 CPU processes (`script`: a file to run)."""
+
+    def launch(args: list[str], *, zero: int, script: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return accelerate_launch(args, strategy=("--use_deepspeed", "--zero_stage", str(zero)), script=script)
+
+    return launch
 
 
 def _check(done: subprocess.CompletedProcess[str], zero: int) -> None:
@@ -63,12 +63,12 @@ def _partitions(checkpoint: Path, kind: str) -> list[str]:
 
 
 def _resumes_to_the_same_weights(
-    args: list[str], straight: Path, checkpoint: Path, out: Path, zero: int
+    launch_deepspeed, args: list[str], straight: Path, checkpoint: Path, out: Path, zero: int
 ) -> Path:
     """A copy of run `straight` crashed after `checkpoint`, resumed under ZeRO `zero`: its final weights equal
     the uninterrupted run's exactly. Returns the resumed run dir."""
     crashed = _crashed_after(straight, checkpoint, out)
-    resumed = _launch_deepspeed([*args, "--out", str(crashed), "--resume"], zero=zero)
+    resumed = launch_deepspeed([*args, "--out", str(crashed), "--resume"], zero=zero)
     _check(resumed, zero)
     assert "resumed from" in resumed.stderr
     assert _max_diff(_weights(crashed), _weights(straight)) == 0.0
@@ -76,7 +76,7 @@ def _resumes_to_the_same_weights(
 
 
 def test_sft_under_zero2_follows_the_one_process_run_and_resumes(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, launch_deepspeed
 ) -> None:
     demos, _ = _write_data(tmp_path)
     args = ["sft", "--data", str(demos), "--format", "messages", "--model", str(tiny_model_dir)]
@@ -85,7 +85,7 @@ def test_sft_under_zero2_follows_the_one_process_run_and_resumes(
     args += ["--keep-final-checkpoint"]
     straight = tmp_path / "straight"
     _one_process(args, tmp_path / "one")
-    _check(_launch_deepspeed([*args, "--out", str(straight)], zero=2), 2)
+    _check(launch_deepspeed([*args, "--out", str(straight)], zero=2), 2)
 
     one, two = _losses(tmp_path / "one"), _losses(straight)
     assert len(one) == len(two) == 6
@@ -97,11 +97,15 @@ def test_sft_under_zero2_follows_the_one_process_run_and_resumes(
     step3 = straight / "checkpoints" / "step-000003"
     # the optimizer state is partitioned: one file per process
     assert _partitions(step3, "optim") == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
-    crashed = _resumes_to_the_same_weights(args, straight, step3, tmp_path / "crashed", zero=2)
+    crashed = _resumes_to_the_same_weights(
+        launch_deepspeed, args, straight, step3, tmp_path / "crashed", zero=2
+    )
     assert _losses(crashed) == _losses(straight)
 
 
-def test_rm_under_zero3_follows_the_one_process_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_rm_under_zero3_follows_the_one_process_run(
+    tiny_model_dir: Path, tmp_path: Path, launch_deepspeed
+) -> None:
     _, rankings = _write_data(tmp_path)
     # held-out scoring and the reward bias run through the partitioned model too; the bottom block frozen
     args = ["rm", "--data", str(rankings), "--format", "rankings", "--heldout-fraction", "0.25"]
@@ -117,7 +121,7 @@ def test_rm_under_zero3_follows_the_one_process_run(tiny_model_dir: Path, tmp_pa
     ]
     args += ["--micro-batch-size", "2", "--lr", "1e-3", "--precision", "fp32", "--no-progress"]
     _one_process(args, tmp_path / "one")
-    _check(_launch_deepspeed([*args, "--out", str(tmp_path / "two")], zero=3), 3)
+    _check(launch_deepspeed([*args, "--out", str(tmp_path / "two")], zero=3), 3)
 
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(one) == len(two) == 5
@@ -138,7 +142,7 @@ def _ppo_rows_match(one: list[dict], two: list[dict]) -> None:
 
 
 def test_ppo_under_zero2_follows_the_one_process_run(
-    tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path, launch_deepspeed
 ) -> None:
     # one pass per model and update: the old log-probs come from the first epoch's forward
     args = _ppo_args(tiny_model_dir, tiny_rm_dir, tmp_path)
@@ -146,7 +150,7 @@ def test_ppo_under_zero2_follows_the_one_process_run(
     args += ["--max-new-tokens", "6", "--lr", "1e-3", "--precision", "fp32", "--no-progress"]
     args += ["--checkpoint-every", "0"]
     _one_process(args, tmp_path / "one")
-    _check(_launch_deepspeed([*args, "--out", str(tmp_path / "two")], zero=2), 2)
+    _check(launch_deepspeed([*args, "--out", str(tmp_path / "two")], zero=2), 2)
 
     # one step: after it, a weight difference of 1e-7 can flip a sampled token (seen on an AVX2-only CPU at
     # step 2) and the runs part ways
@@ -158,7 +162,7 @@ def test_ppo_under_zero2_follows_the_one_process_run(
 
 
 def test_ppo_under_zero3_follows_the_one_process_run_and_resumes(
-    tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path, launch_deepspeed
 ) -> None:
     # two policy passes, then two value passes per update (the value model's first gradient comes after the
     # policy's); the adaptive KL coefficient and the EMA (whole, saved with the checkpoint) are state too
@@ -169,7 +173,7 @@ def test_ppo_under_zero3_follows_the_one_process_run_and_resumes(
     args += ["--checkpoint-every", "2", "--keep-checkpoints", "2", "--keep-final-checkpoint"]
     straight = tmp_path / "straight"
     _one_process(args, tmp_path / "one")
-    _check(_launch_deepspeed([*args, "--out", str(straight)], zero=3), 3)
+    _check(launch_deepspeed([*args, "--out", str(straight)], zero=3), 3)
 
     rows = _train_rows(straight)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -181,7 +185,9 @@ def test_ppo_under_zero3_follows_the_one_process_run_and_resumes(
     step2 = straight / "checkpoints" / "step-000002"
     # ZeRO-3 partitions the weights too
     assert _partitions(step2, "model") == [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)]
-    crashed = _resumes_to_the_same_weights(args, straight, step2, tmp_path / "crashed", zero=3)
+    crashed = _resumes_to_the_same_weights(
+        launch_deepspeed, args, straight, step2, tmp_path / "crashed", zero=3
+    )
     resumed_rows = _train_rows(crashed)
     assert [r["step"] for r in resumed_rows] == [1, 2, 3, 4]
     for a, b in zip(resumed_rows, rows, strict=True):
@@ -196,7 +202,7 @@ def test_ppo_under_zero3_follows_the_one_process_run_and_resumes(
 
 
 def test_ppo_under_zero3_whether_or_not_a_process_rows_share_a_prefix(
-    tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path, launch_deepspeed
 ) -> None:
     # Without a default system prompt, rows share a long prefix only when their user turns start alike: here
     # the even prompts do, the odd ones do not, so on a step one process's rows may share one and the other's
@@ -218,7 +224,7 @@ def test_ppo_under_zero3_whether_or_not_a_process_rows_share_a_prefix(
     args += ["--max-steps", "3", "--batch-size", "4", "--mini-batch-size", "4", "--micro-batch-size", "2"]
     args += ["--ppo-epochs", "1", "--max-new-tokens", "4", "--precision", "fp32", "--no-progress"]
     args += ["--checkpoint-every", "0", "--out", str(tmp_path / "two")]
-    _check(_launch_deepspeed(args, zero=3), 3)
+    _check(launch_deepspeed(args, zero=3), 3)
     assert [r["step"] for r in _train_rows(tmp_path / "two")] == [1, 2, 3]
 
 
@@ -232,13 +238,15 @@ _BAD_STEPS = {2: float("inf"), 3: float("nan")}
 def _guarded_run(run_dir: Path, *, processes: int) -> dict[str, torch.Tensor]:
     """Train a linear model 4 steps of 4 examples (2 micro-batches per process under 2 processes); the loss of
     one micro-batch of steps 2 and 3 is not finite. Returns the final weights."""
-    from dialoop.train.common import gathered, make_accelerator, prepare_run_dir
+    from dialoop.train.common import prepare_run_dir
     from dialoop.train.config import TrainConfig
     from dialoop.train.fit import fit
+    from dialoop.train.strategy import make_strategy
 
     config = TrainConfig(out=run_dir, lr=0.1, batch_size=4, micro_batch_size=1, max_steps=4, precision="fp32")
     config.progress, config.checkpoint_every = False, 0
-    accelerator = make_accelerator(config)
+    strategy = make_strategy(config)
+    accelerator = strategy.accelerator
     prepare_run_dir(config, "test", accelerator)
     calls = [0]
     n_micro = 4 // processes
@@ -257,7 +265,7 @@ def _guarded_run(run_dir: Path, *, processes: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model, _ = fit(
         config,
-        accelerator,
+        strategy,
         torch.nn.Linear(3, 1),
         [1, 2, 3, 4, 5],
         loss_fn=loss_fn,
@@ -266,16 +274,16 @@ def _guarded_run(run_dir: Path, *, processes: int) -> dict[str, torch.Tensor]:
         description="t",
     )
     whole = accelerator.unwrap_model(model)
-    with gathered(accelerator, whole):
+    with strategy.gathered(whole):
         weights = {k: v.detach().clone() for k, v in whole.state_dict().items()}
     if accelerator.is_main_process:
         torch.save(weights, run_dir / "weights.pt")
     return weights
 
 
-def test_a_nonfinite_loss_on_one_process_skips_the_update(tmp_path: Path) -> None:
+def test_a_nonfinite_loss_on_one_process_skips_the_update(tmp_path: Path, launch_deepspeed) -> None:
     # (ZeRO-2; ZeRO-3 skips the same way: checked by hand, left out to keep the file short)
-    _check(_launch_deepspeed([str(tmp_path / "two")], zero=2, script=Path(__file__)), 2)
+    _check(launch_deepspeed([str(tmp_path / "two")], zero=2, script=Path(__file__)), 2)
     one = _guarded_run(tmp_path / "one", processes=1)  # the same skips, in one process
 
     two = torch.load(tmp_path / "two" / "weights.pt")

@@ -4,7 +4,6 @@ killed with SIGKILL resumes to exactly the weights of an uninterrupted run."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,36 +18,7 @@ from dialoop.cli import app
 
 VENV_BIN = Path(sys.executable).parent
 
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    # one thread per process: two processes share this machine's cores
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", CUDA_VISIBLE_DEVICES="")
-    return env
-
-
-def _launch_two(args: list[str]) -> None:
-    cmd = [
-        str(VENV_BIN / "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-    ]
-    cmd += [
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-        "-m",
-        "dialoop.train",
-    ]
-    done = subprocess.run(cmd + args, env=_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+pytestmark = pytest.mark.distributed
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -94,7 +64,7 @@ def _write_data(tmp_path: Path) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize("stage", ["sft", "rm"])
 def test_two_processes_follow_the_one_process_loss_curve(
-    stage: str, tiny_model_dir: Path, tmp_path: Path
+    stage: str, tiny_model_dir: Path, tmp_path: Path, accelerate_launch
 ) -> None:
     demos, rankings = _write_data(tmp_path)
     data = ["--data", str(demos), "--format", "messages"] if stage == "sft" else ["--data", str(rankings)]
@@ -104,7 +74,8 @@ def test_two_processes_follow_the_one_process_loss_curve(
 
     result = CliRunner().invoke(app, ["train", *common, "--out", str(tmp_path / "one")])
     assert result.exit_code == 0, result.output
-    _launch_two([*common, "--out", str(tmp_path / "two")])
+    done = accelerate_launch([*common, "--out", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(one) == len(two) == 5
@@ -117,9 +88,11 @@ def test_two_processes_follow_the_one_process_loss_curve(
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
 
 
-def test_a_run_killed_mid_way_resumes_to_the_same_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_a_run_killed_mid_way_resumes_to_the_same_weights(
+    tiny_model_dir: Path, tmp_path: Path, accelerate_launch
+) -> None:
     demos, _ = _write_data(tmp_path)
-    command = [str(VENV_BIN / "python"), "-m", "dialoop.train"]
+    command = [str(VENV_BIN / "python"), "-m", "dialoop.cli", "train"]
     args = [
         "sft",
         "--data",
@@ -135,7 +108,9 @@ def test_a_run_killed_mid_way_resumes_to_the_same_weights(tiny_model_dir: Path, 
     args += ["--checkpoint-every", "5", "--precision", "fp32", "--no-progress"]
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*command, *args, "--out", str(killed)], env=_env(), stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*command, *args, "--out", str(killed)], env=accelerate_launch.env, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "step-000010").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
@@ -145,7 +120,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_weights(tiny_model_dir: Path, 
     assert not (killed / "model.safetensors").exists()  # it died mid-way, without its final model
 
     resumed = subprocess.run(
-        [*command, *args, "--out", str(killed), "--resume"], env=_env(), capture_output=True
+        [*command, *args, "--out", str(killed), "--resume"], env=accelerate_launch.env, capture_output=True
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     straight = CliRunner().invoke(app, ["train", *args, "--out", str(tmp_path / "straight")])

@@ -7,26 +7,27 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from test_train_distributed import _env, _losses, _write_data
+from test_train_distributed import _losses, _write_data
 from typer.testing import CliRunner
 
 from dialoop.cli import app
 
-VENV_BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.distributed
 
 
-def _launch_fsdp(args: list[str], *, version: int = 2) -> subprocess.CompletedProcess[str]:
-    cmd = [str(VENV_BIN / "accelerate"), "launch", "--use_fsdp", "--fsdp_version", str(version)]
-    # one FSDP unit per transformer block, as on a GPU
-    cmd += ["--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]
-    cmd += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-    cmd += ["--dynamo_backend", "no", "--main_process_port", "0", "-m", "dialoop.train"]
-    return subprocess.run(cmd + args, env=_env(), capture_output=True, text=True, timeout=600)
+@pytest.fixture
+def launch_fsdp(accelerate_launch):
+    """`accelerate launch --use_fsdp` on 2 CPU processes, one FSDP unit per transformer block, as on GPUs."""
+
+    def launch(args: list[str], *, version: int = 2) -> subprocess.CompletedProcess[str]:
+        fsdp = ("--use_fsdp", "--fsdp_version", str(version))
+        return accelerate_launch(args, strategy=(*fsdp, "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"))
+
+    return launch
 
 
 def _check(done: subprocess.CompletedProcess[str]) -> None:
@@ -55,7 +56,9 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm"])
-def test_fsdp_follows_the_one_process_loss_curve(stage: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_fsdp_follows_the_one_process_loss_curve(
+    stage: str, tiny_model_dir: Path, tmp_path: Path, launch_fsdp
+) -> None:
     demos, rankings = _write_data(tmp_path)
     if stage == "sft":
         data = ["--data", str(demos), "--format", "messages"]
@@ -67,7 +70,7 @@ def test_fsdp_follows_the_one_process_loss_curve(stage: str, tiny_model_dir: Pat
 
     result = CliRunner().invoke(app, ["train", *common, "--out", str(tmp_path / "one")])
     assert result.exit_code == 0, result.output
-    _check(_launch_fsdp([*common, "--out", str(tmp_path / "two")]))
+    _check(launch_fsdp([*common, "--out", str(tmp_path / "two")]))
 
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(one) == len(two) == 5
@@ -85,20 +88,20 @@ def test_fsdp_follows_the_one_process_loss_curve(stage: str, tiny_model_dir: Pat
         assert config["dialoop_reward_bias"] == pytest.approx(s2["reward_bias"])
 
 
-def test_fsdp_resumes_from_a_sharded_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_fsdp_resumes_from_a_sharded_checkpoint(tiny_model_dir: Path, tmp_path: Path, launch_fsdp) -> None:
     demos, _ = _write_data(tmp_path)
     args = ["sft", "--data", str(demos), "--format", "messages", "--model", str(tiny_model_dir)]
     args += ["--max-steps", "6", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3"]
     args += ["--precision", "fp32", "--no-progress", "--checkpoint-every", "3", "--keep-checkpoints", "2"]
     args += ["--keep-final-checkpoint"]
     straight = tmp_path / "straight"
-    _check(_launch_fsdp([*args, "--out", str(straight)]))
+    _check(launch_fsdp([*args, "--out", str(straight)]))
     step3 = straight / "checkpoints" / "step-000003"
     assert (step3 / "pytorch_model_fsdp_0").is_dir()  # one shard per process, not a gathered copy
     assert len(list((step3 / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
 
     crashed = _crashed_after(straight, step3, tmp_path / "crashed")
-    resumed = _launch_fsdp([*args, "--out", str(crashed), "--resume"])
+    resumed = launch_fsdp([*args, "--out", str(crashed), "--resume"])
     _check(resumed)
     assert "resumed from" in resumed.stderr
 
@@ -106,11 +109,13 @@ def test_fsdp_resumes_from_a_sharded_checkpoint(tiny_model_dir: Path, tmp_path: 
     assert _losses(crashed) == _losses(straight)
 
 
-def test_fsdp1_on_cpus_is_refused_with_a_clear_message(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_fsdp1_on_cpus_is_refused_with_a_clear_message(
+    tiny_model_dir: Path, tmp_path: Path, launch_fsdp
+) -> None:
     demos, _ = _write_data(tmp_path)
     args = ["sft", "--data", str(demos), "--format", "messages", "--model", str(tiny_model_dir)]
     args += ["--max-steps", "1", "--batch-size", "4", "--no-progress", "--out", str(tmp_path / "run")]
-    done = _launch_fsdp(args, version=1)
+    done = launch_fsdp(args, version=1)
     assert done.returncode != 0
     assert "FSDP on CPUs needs FSDP2: pass --fsdp_version 2" in done.stdout + done.stderr
 
@@ -135,7 +140,7 @@ def _train_rows(run_dir: Path) -> list[dict]:
 
 
 def test_ppo_under_fsdp_follows_the_one_process_run(
-    tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path, launch_fsdp
 ) -> None:
     common = _ppo_args(tiny_model_dir, tiny_rm_dir, tmp_path)
     common += ["--max-steps", "1", "--batch-size", "8", "--mini-batch-size", "8", "--micro-batch-size", "8"]
@@ -144,7 +149,7 @@ def test_ppo_under_fsdp_follows_the_one_process_run(
 
     result = CliRunner().invoke(app, ["train", *common, "--out", str(tmp_path / "one")])
     assert result.exit_code == 0, result.output
-    _check(_launch_fsdp([*common, "--out", str(tmp_path / "two")]))
+    _check(launch_fsdp([*common, "--out", str(tmp_path / "two")]))
 
     # one step: after it, a weight difference of 1e-7 can flip a sampled token (seen on an AVX2-only CPU at
     # step 2) and the runs part ways
@@ -158,7 +163,7 @@ def test_ppo_under_fsdp_follows_the_one_process_run(
 
 
 def test_ppo_under_fsdp_resumes_from_a_sharded_checkpoint(
-    tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tiny_rm_dir: Path, tmp_path: Path, launch_fsdp
 ) -> None:
     args = _ppo_args(tiny_model_dir, tiny_rm_dir, tmp_path)
     args += ["--max-steps", "4", "--batch-size", "4", "--mini-batch-size", "2", "--micro-batch-size", "2"]
@@ -167,12 +172,12 @@ def test_ppo_under_fsdp_resumes_from_a_sharded_checkpoint(
     args += ["--ema-decay", "0.5", "--precision", "fp32", "--no-progress", "--seed", "3"]
     args += ["--checkpoint-every", "2", "--keep-checkpoints", "2", "--keep-final-checkpoint"]
     straight = tmp_path / "straight"
-    _check(_launch_fsdp([*args, "--out", str(straight)]))
+    _check(launch_fsdp([*args, "--out", str(straight)]))
     step2 = straight / "checkpoints" / "step-000002"
     assert len(list((step2 / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
 
     crashed = _crashed_after(straight, step2, tmp_path / "crashed")
-    resumed = _launch_fsdp([*args, "--out", str(crashed), "--resume"])
+    resumed = launch_fsdp([*args, "--out", str(crashed), "--resume"])
     _check(resumed)
     assert "resumed from" in resumed.stderr
 

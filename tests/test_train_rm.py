@@ -19,17 +19,14 @@ from typer.testing import CliRunner
 from dialoop.cli import app
 from dialoop.formats.pairs import ordered_pairs
 from dialoop.modeling.heads import BIAS_KEY, last_token_scores
+from dialoop.modeling.ranking import RankingScorer, encode_reply, pad_right, score_groups
 from dialoop.records import ChatExample, RankingExample
 from dialoop.train.config import RewardConfig
 from dialoop.train.reward import (
     EncodedRanking,
-    RankingScorer,
     encode_ranking,
-    encode_reply,
     kway_ranking_loss,
-    pad_right,
     ranking_tensors,
-    score_groups,
     train_reward_model,
 )
 
@@ -157,6 +154,7 @@ def _marker_rankings(n: int, seed: int) -> list[RankingExample]:
     return out
 
 
+@pytest.mark.slow
 def test_rm_learns_a_marker_preference_and_centres_its_reward(tiny_model_dir: Path, tmp_path: Path) -> None:
     rankings = _marker_rankings(240, seed=1)
     data = tmp_path / "rankings.jsonl"
@@ -212,6 +210,7 @@ def test_rm_learns_a_marker_preference_and_centres_its_reward(tiny_model_dir: Pa
     assert float(scores.mean()) == pytest.approx(0.0, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_the_order_of_all_bad_rankings_is_learned_only_when_asked(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -284,6 +283,7 @@ def test_reference_demonstrations_define_reward_zero(tiny_model_dir: Path, tmp_p
     assert summary["reference_replies"] == 5 and "heldout_accuracy" not in summary
 
 
+@pytest.mark.slow
 def test_later_epochs_start_above_the_frozen_trunk_and_train_the_same_model(
     tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -125,6 +125,7 @@ def test_packed_rows_do_not_attend_across_conversations(tiny_model_dir: Path) ->
     assert int(packed_correct) == sum(int(c) for _, c in separate)
 
 
+@pytest.mark.slow
 def test_sft_teaches_a_tiny_model_to_reproduce_a_demonstration(tiny_model_dir: Path, tmp_path: Path) -> None:
     demo = [
         {"role": "user", "content": "Say the password."},

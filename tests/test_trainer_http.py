@@ -19,7 +19,7 @@ from trainer_web import VERSION, chat_once, live_trainer_server
 from webclient import Live, WebClient, live_web_server
 
 from dialoop.collect import display_order, review_demonstration
-from dialoop.serve.trainer import guide_html
+from dialoop.serve.trainer.pages import guide_html
 from dialoop.store import ComparisonTask, Conversation, Message, ModelVersion, Ranking, User, session_scope
 from dialoop.store.accounts import get_user
 
@@ -88,6 +88,7 @@ def make_task(live: Live, owner: str, ranker: str) -> dict[str, Any]:
 # access control
 
 
+@pytest.mark.slow
 def test_every_trainer_route_is_403_for_a_user_even_with_a_valid_csrf_token(live: Live) -> None:
     routes = trainer_routes(live)
     assert len(routes) >= 20 and ("GET", "/guide") in routes
@@ -422,6 +423,7 @@ def test_ranking_validation_errors_are_4xx_with_a_message(live: Live) -> None:
     assert counts(live) == before
 
 
+@pytest.mark.slow
 def test_rankings_with_ties_flags_all_bad_overlap_and_changing_ones_answer(live: Live) -> None:
     task = make_task(live, "tess", "tom")
     tid = task["id"]
@@ -472,6 +474,7 @@ def test_rankings_with_ties_flags_all_bad_overlap_and_changing_ones_answer(live:
     assert tom.page(f"/trainer/rank/{tid}").status_code == 200
 
 
+@pytest.mark.slow
 def test_no_task_is_offered_when_no_chat_is_waiting(tiny_model_dir: Path, sqlite_url: str) -> None:
     with live_trainer_server(sqlite_url, tiny_model_dir) as server:
         data = server.client("tom").api("POST", "/api/trainer/tasks/next").json()
@@ -521,6 +524,7 @@ def test_the_guide_is_rendered_without_any_html_from_the_file(tmp_path: Path) ->
     assert "&lt;script&gt;" in html and '<a href="https://example.com"' in html
 
 
+@pytest.mark.slow
 def test_suggestions_of_an_unregistered_base_model_are_credited_to_a_new_base_version(
     tiny_model_dir: Path, sqlite_url: str
 ) -> None:
@@ -543,6 +547,7 @@ def test_suggestions_of_an_unregistered_base_model_are_credited_to_a_new_base_ve
             assert session.get_one(Message, turn["id"]).extra["suggestion"]["model_version_id"] == version.id
 
 
+@pytest.mark.slow
 def test_demonstration_and_ranking_flow_on_sqlite_and_postgresql(db_url: str, tiny_model_dir: Path) -> None:
     with live_trainer_server(db_url, tiny_model_dir) as server:
         tess, tom, tina, root = (server.client(n) for n in ("tess", "tom", "tina", "root"))

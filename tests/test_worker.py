@@ -15,16 +15,9 @@ from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
 from dialoop.modeling.chat import encode_prompt
 from dialoop.modeling.tiny import make_tiny_model
+from dialoop.serve.decoding import ChoiceEnd, Generation, TextDelta, _Detokenizer
 from dialoop.serve.models import ModelRegistry, UnknownModel
-from dialoop.serve.worker import (
-    ChoiceEnd,
-    ContextTooLong,
-    Generation,
-    GenerationWorker,
-    QueueFull,
-    TextDelta,
-    _Detokenizer,
-)
+from dialoop.serve.worker import ContextTooLong, GenerationWorker, QueueFull
 from dialoop.store import session_scope
 from dialoop.store.db import make_engine
 from dialoop.store.registry import register_model_version, served_model, set_served
@@ -250,6 +243,7 @@ def test_the_context_bounds_max_tokens(registry: ModelRegistry) -> None:
     with_worker(registry, body, default_max_tokens=64)
 
 
+@pytest.mark.slow
 def test_swapping_the_served_model_keeps_in_flight_generations(
     store: Engine, tiny_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -11,9 +11,9 @@ from fastapi import FastAPI
 from webclient import ACCOUNTS, PASSWORD, Live, WebClient
 
 from dialoop.serve.app import create_app, serve_in_background
-from dialoop.serve.auth import WebSettings, configure_auth
-from dialoop.serve.deps import ServeSettings
-from dialoop.serve.trainer import TrainerSettings, configure_trainer
+from dialoop.serve.sessions import configure_auth
+from dialoop.serve.trainer.common import configure_trainer
+from dialoop.settings import ServeSettings, TrainerSettings, WebSettings
 from dialoop.store import session_scope
 from dialoop.store.accounts import create_user
 from dialoop.store.migrate import open_store

@@ -14,9 +14,9 @@ import httpx
 from fastapi import FastAPI
 
 from dialoop.serve.app import create_app, serve_in_background
-from dialoop.serve.auth import WebSettings, configure_auth
-from dialoop.serve.deps import ServeSettings
+from dialoop.serve.sessions import configure_auth
 from dialoop.serve.worker import GenerationWorker
+from dialoop.settings import ServeSettings, WebSettings
 from dialoop.store import session_scope
 from dialoop.store.accounts import create_user
 

@@ -7,7 +7,7 @@ The workload is that of `../shared/peers/trl_ppo_step.py` (TRL 1.12's PPOTrainer
 and reward models from the same weights (the reward model with a random score head, the value model
 initialised from it), 8 prompts -> 8 replies per step of up to 64 new tokens at temperature 0.7 stopping at
 EOS (missing-EOS replies get the penalty score), one mini-batch of 8, one PPO epoch, AdamW at lr 3e-6, the
-harness's 64 prompts, 1 warm-up step + 3 timed steps. It runs the real trainer (`dialoop.train.ppo`).
+harness's 64 prompts, 1 warm-up step + 3 timed steps. It runs the real PPO step (`dialoop.train.ppo`).
 """
 
 from __future__ import annotations
@@ -133,13 +133,9 @@ def bench_ppo(cfg: PPOBenchConfig) -> dict[str, Any]:
     import transformers
 
     from dialoop.modeling.loading import resolve_model
-    from dialoop.train.common import (
-        load_training_tokenizer,
-        make_accelerator,
-        resolve_precision,
-        seed_everything,
-    )
-    from dialoop.train.ppo import PPOConfig, PPOTrainer, encode_prompts, load_ppo_models
+    from dialoop.train.common import load_training_tokenizer, resolve_precision, seed_everything
+    from dialoop.train.ppo import PPOConfig, PPORun, encode_prompts, load_ppo_models
+    from dialoop.train.strategy import make_strategy
 
     state_before = machine_state()
     if state_before["cpu_competitors"]:
@@ -172,17 +168,17 @@ def bench_ppo(cfg: PPOBenchConfig) -> dict[str, Any]:
             progress=False,
             checkpoint_every=0,
         )
-        accelerator = make_accelerator(config, gradient_accumulation_steps=1)
+        strategy = make_strategy(config, gradient_accumulation_steps=1)
         seed_everything(cfg.seed)
         tokenizer = load_training_tokenizer(model_dir)
         prompt_ids = encode_prompts(
             tokenizer, [[{"role": "user", "content": p}] for p in harness_prompts()], config.max_length
         )
-        models = load_ppo_models(config, tokenizer, accelerator)
-    trainer = PPOTrainer(config, accelerator, models, tokenizer, prompt_ids)
+        models = load_ppo_models(config, tokenizer, strategy)
+    run = PPORun(config, strategy, models, tokenizer, prompt_ids)
     load_sec = time.perf_counter() - t_load
 
-    device = accelerator.device
+    device = strategy.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     walls: list[float] = []
@@ -192,7 +188,7 @@ def bench_ppo(cfg: PPOBenchConfig) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         wall, cpu = time.perf_counter(), time.process_time()
-        metrics = trainer.step()
+        metrics = run.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         walls.append(time.perf_counter() - wall)

@@ -1,4 +1,7 @@
-"""The `dialoop` command. Argument handling only: the logic lives in the packages it calls."""
+"""The `dialoop` command. Argument handling only: the logic lives in the packages it calls.
+
+A command imports the packages it runs (torch, the trainers, the server) inside its function, so that
+`dialoop users ...` or `dialoop --help` starts without loading torch."""
 
 # each module below registers its commands on `app`
 from dialoop.cli import (

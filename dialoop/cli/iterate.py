@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from dialoop.cli._app import app
+from dialoop.cli.train import config_command
+from dialoop.iteration import IterationKnobs
 from dialoop.settings import settings
 
 console = Console(stderr=True)
@@ -85,6 +88,7 @@ def demo(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what each stage does."),
 ) -> None:
     """Run the whole loop with simulated trainers: demonstrations, SFT, chats, rankings, RM, PPO, twice."""
+    # imported when the command runs: the demo imports torch, which other commands do without
     from dialoop.demo import demo_config, run_demo
 
     _setup_logging(verbose)
@@ -105,61 +109,32 @@ def demo(
         console.print(f"chat with the result: [bold]dialoop serve --model {result.models['policy']}[/bold]")
 
 
-def _given(**values: Any) -> dict[str, Any]:
-    """The options the user gave (None: keep the stage config's default)."""
-    return {k: v for k, v in values.items() if v is not None}
+@dataclass
+class IterateOptions(IterationKnobs):
+    """The options of `dialoop iterate`: the iteration's knobs, where its runs go and how much it logs."""
+
+    work_dir: Path | None = field(
+        default=None, metadata={"help": "Where runs go (default: DIALOOP_HOME/runs)."}
+    )
+    verbose: bool = field(default=False, metadata={"help": "Log what each stage does."})
 
 
-@app.command("iterate")
-def iterate(
-    sft_steps: int | None = typer.Option(None, help="SFT optimizer steps (default: by epochs)."),
-    sft_epochs: float | None = typer.Option(None, help="SFT passes over the demonstrations."),
-    sft_lr: float | None = typer.Option(None, help="SFT peak learning rate."),
-    rm_steps: int | None = typer.Option(None, help="Reward-model steps (default: by epochs)."),
-    rm_epochs: float | None = typer.Option(None, help="Reward-model passes over the rankings."),
-    rm_lr: float | None = typer.Option(None, help="Reward-model peak learning rate."),
-    ppo_steps: int | None = typer.Option(None, help="PPO steps (default: by epochs over the prompts)."),
-    ppo_batch_size: int | None = typer.Option(None, help="Prompts per PPO step."),
-    ppo_lr: float | None = typer.Option(None, help="PPO learning rate."),
-    ppo_beta: float | None = typer.Option(None, help="KL coefficient of PPO."),
-    max_new_tokens: int | None = typer.Option(None, help="Longest reply PPO and the report card sample."),
-    eval_prompts: int = typer.Option(128, help="Held-out prompts of the report card; 0: no report card."),
-    base_model: str | None = typer.Option(
-        None, help="Model SFT starts from (dir or hub id; default: the embedded default)."
-    ),
-    work_dir: Path | None = typer.Option(None, help="Where runs go (default: DIALOOP_HOME/runs)."),
-    deploy: bool = typer.Option(True, "--deploy/--no-deploy", help="Serve the new policy when done."),
-    seed: int = typer.Option(0, help="Seed of every stage."),
-    precision: str | None = typer.Option(None, help="auto (bf16 where the hardware has it), bf16 or fp32."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what each stage does."),
-) -> None:
-    """One iteration on the store: SFT (new demonstrations), RM (all rankings), PPO; resumes after a crash."""
-    from dialoop.evaluate import EvalConfig
+@config_command(
+    app,
+    "iterate",
+    IterateOptions,
+    "One iteration on the store: SFT (new demonstrations), RM (all rankings), PPO; resumes after a crash.",
+)
+def iterate(options: IterateOptions) -> None:
+    # imported when the command runs: the loop imports torch, which other commands do without
     from dialoop.loop import IterationConfig, NothingToTrain, run_iteration
     from dialoop.store.migrate import open_store
-    from dialoop.train.config import RewardConfig, SFTConfig
-    from dialoop.train.ppo_config import PPOConfig
 
-    _setup_logging(verbose)
+    _setup_logging(options.verbose)
     try:
-        ppo_batch = _given(
-            batch_size=ppo_batch_size, mini_batch_size=ppo_batch_size, micro_batch_size=ppo_batch_size
-        )
-        config = IterationConfig(
-            base_model=base_model,
-            work_dir=work_dir,
-            sft=SFTConfig(**_given(max_steps=sft_steps, epochs=sft_epochs, lr=sft_lr, precision=precision)),
-            rm=RewardConfig(**_given(max_steps=rm_steps, epochs=rm_epochs, lr=rm_lr, precision=precision)),
-            ppo=PPOConfig(
-                **_given(max_steps=ppo_steps, lr=ppo_lr, beta=ppo_beta, max_new_tokens=max_new_tokens),
-                **_given(precision=precision),
-                **ppo_batch,
-            ),
-            evaluate=EvalConfig(**_given(prompts=eval_prompts, max_new_tokens=max_new_tokens))
-            if eval_prompts > 0
-            else None,
-            deploy=deploy,
-            seed=seed,
+        config = IterationConfig.from_knobs(
+            options,
+            work_dir=options.work_dir,
             on_stage=lambda stage, status: console.print(f"[bold]{stage}[/bold]: {status}"),
         )
     except ValueError as exc:
@@ -180,7 +155,7 @@ def iterate(
     if result.report is not None:
         _print_card(result.report)
         console.print(f"report: [bold]{result.work_dir / 'report' / 'report.html'}[/bold]")
-    console.print(f"policy version {result.policy_version_id}" + (" is served" if deploy else ""))
+    console.print(f"policy version {result.policy_version_id}" + (" is served" if options.deploy else ""))
 
 
 @app.command("eval")
@@ -198,6 +173,7 @@ def eval_(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what each stage does."),
 ) -> None:
     """The report card of a model on held-out prompts: gold score, win rate and KL vs SFT, RM accuracy."""
+    # imported when the command runs: the report card imports torch, which other commands do without
     from dialoop.evaluate import EvalConfig, ModelSpec, evaluate_models, write_report
     from dialoop.modeling import ModelLoadError
 

@@ -2,8 +2,9 @@
 
 `config_command(train_app, "name", ConfigCls, help)` registers `fn(config)` as a command whose options are
 the config's fields (`--batch-size 8`, `--packing/--no-packing`); the PPO stage adds its command the same way.
-Distributed: `accelerate launch --multi_gpu --num_processes N -m dialoop.train sft ...` runs the same
-commands (on a machine without GPUs the processes train on the CPU over gloo).
+Distributed: `accelerate launch --multi_gpu --num_processes N -m dialoop.cli train sft ...` runs the same
+commands (on a machine without GPUs the processes train on the CPU over gloo). The data is loaded here
+(`dialoop.cli.data_sources`, a file or the store) and handed to the stage.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def config_command(
 
 def run_stage(stage: Callable[[], Path]) -> None:
     """Run a training stage; its known failures become one red line and exit code 1 (2 for bad input)."""
-    from dialoop.train.common import NonFiniteLossError
+    from dialoop.train.strategy import NonFiniteLossError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -90,7 +91,7 @@ def run_stage(stage: Callable[[], Path]) -> None:
 @config_command(train_app, "sft", SFTConfig, "Supervised fine-tuning on demonstrations (store, or --data).")
 def sft(config: SFTConfig) -> None:
     def stage() -> Path:
-        from dialoop.train.data import load_chat_examples
+        from dialoop.cli.data_sources import load_chat_examples
         from dialoop.train.sft import train_sft
 
         return train_sft(config, load_chat_examples(config.data, config.format))
@@ -101,7 +102,7 @@ def sft(config: SFTConfig) -> None:
 @config_command(train_app, "rm", RewardConfig, "The K-way reward model on rankings (store, or --data).")
 def rm(config: RewardConfig) -> None:
     def stage() -> Path:
-        from dialoop.train.data import load_chat_examples, load_ranking_examples
+        from dialoop.cli.data_sources import load_chat_examples, load_ranking_examples
         from dialoop.train.reward import train_reward_model
 
         rankings = load_ranking_examples(config.data, config.format)

@@ -16,8 +16,9 @@ from dialoop.train.ppo_config import PPOConfig
 )
 def ppo(config: PPOConfig) -> None:
     def stage() -> Path:
+        from dialoop.cli.data_sources import load_demonstrations, load_prompts
         from dialoop.train.ppo import train_ppo
 
-        return train_ppo(config)
+        return train_ppo(config, load_prompts(config), demonstrations=load_demonstrations(config))
 
     run_stage(stage)

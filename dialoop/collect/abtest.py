@@ -22,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from dialoop.collect.chats import TASK_KEY
-from dialoop.collect.common import require_role
+from dialoop.collect.common import check_role
 from dialoop.collect.tasks import TaskView, cancel_task, next_task_for, submit_ranking
 from dialoop.store.models import Candidate, ComparisonTask, Conversation, Message, ModelVersion, Ranking, User
 from dialoop.store.trees import add_message
@@ -87,7 +87,7 @@ def create_ab_test(
 
     `sampling` records how both versions sampled their replies; `overlap` is how many trainers judge
     each prompt. ValueError names what is wrong (same version twice, no prompts, an empty prompt)."""
-    require_role(admin, ("admin",), "start A/B tests")
+    check_role(admin, ("admin",), "start A/B tests")
     a, b = _policy(session, version_a), _policy(session, version_b)
     if a.id == b.id:
         raise ValueError("an A/B test compares two different versions")

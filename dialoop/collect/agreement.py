@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
+from dialoop.collect.chats import DELETED
+from dialoop.collect.tasks import eligible_originals
 from dialoop.store.models import ComparisonTask, Conversation, Ranking, User
 
 
@@ -124,4 +126,42 @@ def collection_counts(session: Session) -> dict[str, int]:
     tasks = select(ComparisonTask.status, func.count()).group_by(ComparisonTask.status)
     for status, n in session.execute(tasks):
         counts[f"tasks_{status}"] = n
+    return counts
+
+
+def trainer_counts(session: Session, trainer: User) -> dict[str, int]:
+    """One trainer's demonstrations by status, chats, rankings and skips, and the work waiting for anyone."""
+    counts = {f"demonstrations_{s}": 0 for s in ("draft", "submitted", "accepted", "rejected")}
+    rows = session.execute(
+        select(Conversation.status, func.count())
+        .where(Conversation.owner_id == trainer.id, Conversation.kind == "demonstration")
+        .group_by(Conversation.status)
+    )
+    for status, n in rows:
+        counts[f"demonstrations_{status}"] = n
+    counts["chats"] = (
+        session.scalar(
+            select(func.count())
+            .select_from(Conversation)
+            .where(
+                Conversation.owner_id == trainer.id,
+                Conversation.kind == "chat",
+                Conversation.status != DELETED,
+            )
+        )
+        or 0
+    )
+    skipped = Ranking.skip_reason.is_not(None)
+    answers = session.execute(
+        select(skipped, func.count()).where(Ranking.trainer_id == trainer.id).group_by(skipped)
+    )
+    by_kind = {bool(k): n for k, n in answers}
+    counts["ranked"], counts["skipped"] = by_kind.get(False, 0), by_kind.get(True, 0)
+    counts["replies_waiting"] = len(eligible_originals(session))
+    counts["tasks_open"] = (
+        session.scalar(
+            select(func.count()).select_from(ComparisonTask).where(ComparisonTask.status == "open")
+        )
+        or 0
+    )
     return counts

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from dialoop.collect.common import PolicyHandle, context_of, require_owner, sample_for, sampling_record
 from dialoop.modeling.generation import SamplingParams
-from dialoop.store.models import Conversation, Message, User
+from dialoop.store.models import ComparisonTask, Conversation, Feedback, Message, User
 from dialoop.store.trees import add_message
 
 TASK_KEY = "comparison_task"  # Message.extra key of alternatives sampled for a comparison task
+DELETED = "deleted"  # status of a deleted chat kept for the comparison tasks made from it
 
 
 def start_chat(session: Session, user: User, *, system_prompt: str = "", title: str = "") -> Conversation:
@@ -93,3 +94,70 @@ def chat_reply(
 ) -> Message:
     """The model's reply to one user message, stored like `generate_chat_replies` does."""
     return generate_chat_replies(session, handle, [user_message], params)[0]
+
+
+def chats_of(session: Session, user: User) -> list[Conversation]:
+    """The user's chats that are not deleted, most recently updated first."""
+    query = (
+        select(Conversation)
+        .where(Conversation.owner_id == user.id, Conversation.kind == "chat", Conversation.status != DELETED)
+        .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
+    )
+    return list(session.scalars(query))
+
+
+def thumbs_in(session: Session, conversation: Conversation, user: User) -> dict[int, int]:
+    """The user's thumbs (1 or -1) on the conversation's messages, by message id."""
+    rows = session.execute(
+        select(Feedback.message_id, Feedback.value)
+        .join(Message, Message.id == Feedback.message_id)
+        .where(
+            Message.conversation_id == conversation.id, Feedback.user_id == user.id, Feedback.kind == "thumbs"
+        )
+    )
+    return {message_id: value for message_id, value in rows}
+
+
+def delete_chat(session: Session, conversation: Conversation) -> None:
+    """Delete a chat; one used by comparison tasks is marked deleted instead (rankings keep their context)."""
+    used = session.scalar(
+        select(func.count())
+        .select_from(ComparisonTask)
+        .join(Message, Message.id == ComparisonTask.context_message_id)
+        .where(Message.conversation_id == conversation.id)
+    )
+    if used:
+        conversation.status = DELETED
+    else:
+        # one statement: the database's ON DELETE CASCADE removes the messages and their feedback
+        session.execute(delete(Conversation).where(Conversation.id == conversation.id))
+
+
+def set_thumbs(session: Session, message: Message, user: User, value: int) -> None:
+    """The user's thumbs up (1), down (-1) or neither (0) on a reply, replacing an earlier one."""
+    session.execute(
+        delete(Feedback).where(
+            Feedback.message_id == message.id, Feedback.user_id == user.id, Feedback.kind == "thumbs"
+        )
+    )
+    if value:
+        session.add(Feedback(message_id=message.id, user_id=user.id, kind="thumbs", value=value))
+    session.flush()
+
+
+def set_preference(session: Session, better: Message, worse: Message, user: User) -> None:
+    """The user prefers reply `better` to its sibling `worse` (replacing an earlier choice between them)."""
+    session.execute(
+        delete(Feedback).where(
+            Feedback.user_id == user.id,
+            Feedback.kind == "ab",
+            or_(
+                (Feedback.message_id == better.id) & (Feedback.other_message_id == worse.id),
+                (Feedback.message_id == worse.id) & (Feedback.other_message_id == better.id),
+            ),
+        )
+    )
+    session.add(
+        Feedback(message_id=better.id, user_id=user.id, kind="ab", value=1, other_message_id=worse.id)
+    )
+    session.flush()

@@ -25,7 +25,7 @@ class PolicyHandle:
     version_id: int
 
 
-def require_role(user: User, roles: Sequence[str], action: str) -> None:
+def check_role(user: User, roles: Sequence[str], action: str) -> None:
     """PermissionError unless `user` has one of `roles`."""
     if user.role not in roles:
         raise PermissionError(

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from dialoop.collect.common import (
     PolicyHandle,
+    check_role,
     context_of,
     require_owner,
-    require_role,
     sample_for,
     sampling_record,
 )
@@ -67,7 +67,7 @@ def create_demonstration(
     session: Session, trainer: User, *, system_prompt: str = "", title: str = ""
 ) -> Conversation:
     """A new, empty draft demonstration owned by `trainer`."""
-    require_role(trainer, TRAINER_ROLES, "write demonstrations")
+    check_role(trainer, TRAINER_ROLES, "write demonstrations")
     conversation = Conversation(
         owner_id=trainer.id, kind="demonstration", status="draft", system_prompt=system_prompt, title=title
     )
@@ -84,6 +84,27 @@ def demonstration_turns(session: Session, conversation: Conversation) -> list[Me
             select(Message).where(Message.conversation_id == conversation.id).order_by(Message.id)
         )
     )
+
+
+def demonstrations_of(session: Session, trainer: User) -> list[Conversation]:
+    """The trainer's demonstrations, most recently updated first."""
+    query = (
+        select(Conversation)
+        .where(Conversation.owner_id == trainer.id, Conversation.kind == "demonstration")
+        .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
+    )
+    return list(session.scalars(query))
+
+
+def submitted_demonstrations(session: Session) -> list[Conversation]:
+    """Demonstrations waiting for review, oldest first, with their turns and owners loaded."""
+    query = (
+        select(Conversation)
+        .where(Conversation.kind == "demonstration", Conversation.status == "submitted")
+        .order_by(Conversation.updated_at, Conversation.id)
+        .options(selectinload(Conversation.messages), selectinload(Conversation.owner))
+    )
+    return list(session.scalars(query))
 
 
 def add_turn(
@@ -217,7 +238,7 @@ def review_demonstration(
     session: Session, conversation: Conversation, admin: User, *, accept: bool
 ) -> Conversation:
     """An admin accepts or rejects a submitted demonstration."""
-    require_role(admin, ("admin",), "review demonstrations")
+    check_role(admin, ("admin",), "review demonstrations")
     _require_demonstration(conversation)
     if conversation.status != "submitted":
         raise ValueError(f"demonstration {conversation.id} is {conversation.status}, not submitted")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dialoop.collect.common import context_of, require_role
+from dialoop.collect.common import check_role, context_of
 from dialoop.collect.tasks import flagged_candidates
 from dialoop.records import ChatMessage
 from dialoop.store.models import Message, User, utcnow
@@ -61,7 +61,7 @@ def resolve_flags(session: Session, message_id: int, admin: User, outcome: str, 
     """An admin closes every open flag on reply `message_id`: `upheld` (the reply is bad) or `dismissed`.
 
     LookupError when the reply has no open flag, ValueError on an unknown outcome."""
-    require_role(admin, ("admin",), "review flags")
+    check_role(admin, ("admin",), "review flags")
     if outcome not in OUTCOMES:
         raise ValueError(f"invalid outcome {outcome!r}: choose one of {', '.join(OUTCOMES)}")
     flag = next((f for f in open_flags(session) if f.message.id == message_id), None)

@@ -20,15 +20,16 @@ from sqlalchemy.orm import Session, aliased
 from dialoop.collect.chats import TASK_KEY
 from dialoop.collect.common import (
     PolicyHandle,
+    check_role,
     context_of,
     params_from_record,
-    require_role,
     sample_for,
     sampling_record,
 )
 from dialoop.modeling.chat import Reply
 from dialoop.modeling.generation import SamplingParams
 from dialoop.records import ChatMessage
+from dialoop.settings import TrainerSettings
 from dialoop.store.models import (
     TRAINER_ROLES,
     Candidate,
@@ -42,8 +43,8 @@ from dialoop.store.trees import add_message
 
 log = logging.getLogger(__name__)
 
-DEFAULT_K = 4
-DEFAULT_OVERLAP = 2
+DEFAULT_K = TrainerSettings().k
+DEFAULT_OVERLAP = TrainerSettings().overlap
 CHAT_SOURCE = "chat"  # tasks made from model-written messages of trainer chats
 FLAG_KINDS = ("harmful", "untrue", "private_data")
 _SEED_RANGE = 2**31
@@ -199,7 +200,7 @@ def next_task_for(session: Session, trainer: User, *, source: str | None = None)
     Tasks closest to their overlap come first, then the oldest, so tasks get finished. `source` keeps
     only the tasks of that source (e.g. "ab": blind A/B comparisons).
     """
-    require_role(trainer, TRAINER_ROLES, "rank comparison tasks")
+    check_role(trainer, TRAINER_ROLES, "rank comparison tasks")
     answered = select(Ranking.task_id).where(Ranking.trainer_id == trainer.id)
     counted = (
         select(func.count(Ranking.id))
@@ -227,7 +228,7 @@ def next_task_for(session: Session, trainer: User, *, source: str | None = None)
 
 
 def _check_may_answer(task: ComparisonTask, trainer: User) -> None:
-    require_role(trainer, TRAINER_ROLES, "rank comparison tasks")
+    check_role(trainer, TRAINER_ROLES, "rank comparison tasks")
     if task.status == "cancelled":
         raise ValueError(f"comparison task {task.id} is cancelled")
     if task.context_message.conversation.owner_id == trainer.id:
@@ -291,6 +292,12 @@ def _answer(session: Session, task: ComparisonTask, trainer: User, **fields: Any
     return ranking
 
 
+def answers_of(session: Session, trainer: User, limit: int = 500) -> list[Ranking]:
+    """The trainer's rankings and skips, newest first."""
+    query = select(Ranking).where(Ranking.trainer_id == trainer.id).order_by(Ranking.id.desc()).limit(limit)
+    return list(session.scalars(query))
+
+
 def submit_ranking(
     session: Session,
     task: ComparisonTask,
@@ -347,7 +354,7 @@ def skip_task(
 
 def cancel_task(session: Session, task: ComparisonTask, admin: User) -> None:
     """An admin withdraws a task: nobody is offered it any more; its answers are kept."""
-    require_role(admin, ("admin",), "cancel comparison tasks")
+    check_role(admin, ("admin",), "cancel comparison tasks")
     task.status = "cancelled"
     session.flush()
 

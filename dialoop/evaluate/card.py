@@ -34,10 +34,10 @@ from dialoop.modeling import (
     pick_device,
 )
 from dialoop.modeling.heads import load_reward_model, reward_bias
+from dialoop.modeling.ranking import RankingScorer, encode_candidates, score_all
+from dialoop.run_metrics import read_metrics
 from dialoop.sim.gold import gold_report
 from dialoop.sim.prompts import Prompt, generate_prompts
-from dialoop.train.metrics import read_metrics
-from dialoop.train.reward import RankingScorer, encode_candidates, score_all
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from dialoop.modeling.generation import Completion
-from dialoop.train.rollout import pack_rollouts, response_logprobs
-from dialoop.train.trunk import TrunkCache, shared_depth
+from dialoop.modeling.scoring import pack_rollouts, response_logprobs
+from dialoop.modeling.trunk import TrunkCache, shared_depth
 
 
 def mean(values: Sequence[float]) -> float:

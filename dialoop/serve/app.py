@@ -3,7 +3,8 @@
     app = create_app(database_url="sqlite:///dialoop.db", model="path/to/hf-dir")
     uvicorn.run(app)                      # or: dialoop serve --model DIR
 
-Adding a router: write `router = APIRouter(...)` in `dialoop/serve/<domain>.py`, get what it needs
+Adding a router: write `router = APIRouter(...)` in `dialoop/serve/<domain>.py` (or a package of
+routers per domain, like `trainer/` and `admin/`), get what it needs
 through the dependencies of `dialoop.serve.deps` (SessionDep, WorkerDep, RegistryDep, ...; access
 control as a dependency on the route), and add one `app.include_router(...)` line in
 `_include_routers` below. `app.state` holds `engine`, `registry`, `worker` and `serve_settings`.
@@ -22,18 +23,16 @@ from pathlib import Path
 import torch
 import uvicorn
 from fastapi import FastAPI
-from sqlalchemy import func, select
 
 from dialoop import __version__
 from dialoop.modeling.device import pick_device
-from dialoop.serve import admin, auth, chat, keys_ui, openai_api, pages, trainer
-from dialoop.serve.deps import ServeSettings
+from dialoop.serve import admin, auth, chat, keys_ui, openai_api, openai_errors, pages, trainer
 from dialoop.serve.models import ModelRegistry
 from dialoop.serve.worker import GenerationWorker
-from dialoop.settings import settings
+from dialoop.settings import ServeSettings, settings
+from dialoop.store.accounts import has_users
 from dialoop.store.db import session_scope
 from dialoop.store.migrate import open_store
-from dialoop.store.models import User
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(trainer.router)
     app.include_router(admin.router)
     # keep last: answers unknown /v1 URLs in OpenAI's error shape
-    app.include_router(openai_api.fallback_router)
+    app.include_router(openai_errors.fallback_router)
 
 
 def _serving_dtype(name: str) -> torch.dtype | None:
@@ -73,7 +72,7 @@ def create_app(
     `model` is a directory, a hub id or a registered version name to serve (default: the store's
     served policy version, else the embedded default); `model_name` names it in `/v1/models`.
     """
-    serve_settings = serve_settings or ServeSettings()
+    serve_settings = serve_settings or settings().serve
     engine = open_store(database_url or settings().db_url)
     registry = ModelRegistry.open(
         engine,
@@ -93,7 +92,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with session_scope(engine) as session:
-            no_users = session.scalar(select(func.count()).select_from(User)) == 0
+            no_users = not has_users(session)
         if no_users:
             log.warning(
                 "The store has no users yet. Create the first admin with: dialoop users add NAME --role admin"
@@ -111,7 +110,7 @@ def create_app(
     app.state.registry = registry
     app.state.worker = worker
     app.state.serve_settings = serve_settings
-    openai_api.install_error_handlers(app)
+    openai_errors.install_error_handlers(app)
     pages.install_error_pages(app)
     _include_routers(app)
     return app

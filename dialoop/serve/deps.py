@@ -7,63 +7,19 @@ def things(session: SessionDep, worker: WorkerDep) -> ...
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import Depends, Header, Request
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dialoop.serve.models import ModelRegistry
+from dialoop.serve.openai_errors import OpenAIError
 from dialoop.serve.worker import GenerationWorker
+from dialoop.settings import ServeSettings
 from dialoop.store.accounts import user_for_api_key
 from dialoop.store.db import session_scope
 from dialoop.store.models import User
-
-
-class ServeSettings(BaseSettings):
-    """Server limits and batching knobs; env vars `DIALOOP_SERVE_*` (e.g. DIALOOP_SERVE_MAX_QUEUE=128)."""
-
-    model_config = SettingsConfigDict(env_prefix="DIALOOP_SERVE_", extra="ignore")
-
-    max_queue: int = 64  # replies waiting to decode; beyond it requests get 429
-    max_batch: int = 16  # rows decoded together
-    batch_window_ms: float = 10.0  # how long the worker waits for more requests to batch together
-    max_loaded_models: int = 2  # model versions kept in memory at once
-    default_max_tokens: int = 512  # when a request gives no max_tokens (capped by the context)
-    max_tokens_limit: int = 4096  # a larger max_tokens is refused (422)
-    max_n: int = 8  # choices per request (422 beyond)
-    max_messages: int = 256  # messages per request (413 beyond)
-    max_message_chars: int = 32_000  # characters in one message (413 beyond)
-    max_stop: int = 4  # stop strings per request, as in OpenAI's API (422 beyond)
-    max_body_bytes: int = 2_000_000  # request body of /v1 calls (413 beyond)
-    preload: bool = True  # load the served model at startup rather than on the first request
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, else fp32
-
-
-class OpenAIError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(
-        self,
-        status_code: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status_code = status_code
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, dict[str, str | None]]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def get_engine(request: Request) -> Engine:

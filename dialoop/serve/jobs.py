@@ -1,15 +1,16 @@
 """Iterations started from the admin page: `dialoop iterate` in a subprocess, its live progress, cancel.
 
     jobs = job_manager(request)                       # one per app
-    job = await jobs.start(IterationSettings(ppo_steps=20), started_by="root")
+    job = await jobs.start(iteration_knobs({"ppo_steps": 20}), started_by="root")
     jobs.progress(job)                                # stages, steps, metrics, ETA, log tail (polled)
     jobs.cancel(job.id)                               # SIGINT: the run is marked failed, resumes next time
 
 The child is the real CLI on the server's store and home, in its own process group, so that cancelling
-stops its whole tree and a crash of either side leaves the other alone. Progress is read from what the
-loop writes anyway: `iter-N/iteration.json`, each stage's `metrics.jsonl` and `train_config.json`, and
-the stage lines the CLI prints. The child does not deploy: when the iteration succeeds the server
-hot-swaps to the new policy itself (if asked), so requests in flight keep the model they started with.
+stops its whole tree and a crash of either side leaves the other alone. Progress is read from the files
+the loop writes: `iter-N/progress.json` (`dialoop.iteration.IterationProgress`), each stage's
+`metrics.jsonl` and `train_config.json`; the log is only shown. The child does not deploy: when the
+iteration succeeds the server hot-swaps to the new policy itself (if asked), so requests in flight keep
+the model they started with.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -26,66 +28,70 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from sqlalchemy import Engine
 
+from dialoop.iteration import PROGRESS_FILE, STAGES, IterationKnobs, IterationProgress
+from dialoop.run_metrics import METRICS_FILE
 from dialoop.serve.models import ModelRegistry
 from dialoop.settings import settings
 from dialoop.store.db import session_scope
 from dialoop.store.models import ModelVersion
-from dialoop.train.metrics import METRICS_FILE
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sft", "rm", "ppo", "eval")
-STATE_FILE = "iteration.json"  # written by dialoop.loop after each stage
 # SIGINT is how a job is cancelled: the child turns it back into KeyboardInterrupt even when the server was
 # started with SIGINT ignored (`nohup dialoop serve &`, a non-interactive shell's `&`), which children inherit
 _CLI = (
     "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
     "from dialoop.cli import app; app(prog_name='dialoop')"
 )
-_STAGE_LINE = re.compile(r"^(sft|rm|ppo|eval): (start|done|reused|skipped)\s*$")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _SHOWN_METRICS = ("loss", "accuracy", "score", "kl", "reply_length")
 _LOG_TAIL_BYTES = 64_000
 
 
-class IterationSettings(BaseModel):
-    """The knobs of one iteration, as `dialoop iterate` takes them (None: the stage config's default)."""
+def _settings_model() -> type[BaseModel]:
+    """The pydantic model of `IterationKnobs`: its fields, defaults and bounds; unknown fields are errors."""
+    hints = typing.get_type_hints(IterationKnobs)
+    fields: dict[str, Any] = {
+        f.name: (
+            hints[f.name],
+            Field(default=f.default, description=f.metadata["help"], **f.metadata["bounds"]),
+        )
+        for f in dataclasses.fields(IterationKnobs)
+    }
+    return create_model(
+        "IterationSettings", __config__=ConfigDict(extra="forbid"), __doc__=IterationKnobs.__doc__, **fields
+    )
 
-    model_config = ConfigDict(extra="forbid")
 
-    base_model: str | None = Field(default=None, min_length=1, max_length=1000)
-    sft_steps: int | None = Field(default=None, ge=1, le=1_000_000)
-    sft_epochs: float | None = Field(default=None, gt=0, le=1000)
-    sft_lr: float | None = Field(default=None, gt=0, lt=1)
-    rm_steps: int | None = Field(default=None, ge=1, le=1_000_000)
-    rm_epochs: float | None = Field(default=None, gt=0, le=1000)
-    rm_lr: float | None = Field(default=None, gt=0, lt=1)
-    ppo_steps: int | None = Field(default=None, ge=1, le=1_000_000)
-    ppo_batch_size: int | None = Field(default=None, ge=1, le=65_536)
-    ppo_lr: float | None = Field(default=None, gt=0, lt=1)
-    ppo_beta: float | None = Field(default=None, ge=0, le=100)
-    max_new_tokens: int | None = Field(default=None, ge=1, le=8192)
-    eval_prompts: int = Field(default=128, ge=0, le=100_000)
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    deploy: bool = True  # serve the new policy when the iteration succeeds
+# what the admin form is validated against
+IterationSettings = _settings_model()
 
-    def cli_args(self) -> list[str]:
-        """The options of `dialoop iterate` (`--name=value`, so no value is read as an option)."""
-        return [
-            f"--{name.replace('_', '-')}={value}"
-            for name, value in self.model_dump().items()
-            if name != "deploy" and value is not None
-        ]
+
+def iteration_knobs(values: Mapping[str, Any]) -> IterationKnobs:
+    """The knobs `values` set (the admin form's); pydantic's ValidationError when one is unknown or out of
+    bounds."""
+    return IterationKnobs(**IterationSettings.model_validate(values).model_dump())
+
+
+def cli_args(knobs: IterationKnobs) -> list[str]:
+    """The options of `dialoop iterate` for `knobs` (`--name=value`, so no value is read as an option); the
+    child never deploys, so `deploy` is left out."""
+    return [
+        f"--{name.replace('_', '-')}={value}"
+        for name, value in dataclasses.asdict(knobs).items()
+        if name != "deploy" and value is not None
+    ]
 
 
 class JobRunning(RuntimeError):
@@ -97,7 +103,7 @@ class IterationJob:
     """One `dialoop iterate` started from the web, and what became of it."""
 
     id: int
-    settings: IterationSettings
+    settings: IterationKnobs
     started_by: str
     log_path: Path
     started_at: float = field(default_factory=time.time)
@@ -207,7 +213,7 @@ class JobManager:
             "NO_COLOR": "1",
         }
 
-    async def start(self, iteration: IterationSettings, started_by: str) -> IterationJob:
+    async def start(self, iteration: IterationKnobs, started_by: str) -> IterationJob:
         """Start `dialoop iterate` with these settings; JobRunning when one is running already."""
         with self._lock:
             if self.running() is not None:
@@ -223,7 +229,7 @@ class JobManager:
                 "iterate",
                 f"--work-dir={self.work_dir}",
                 "--no-deploy",
-                *iteration.cli_args(),
+                *cli_args(iteration),
             ]
             with log_path.open("wb") as out:
                 process = subprocess.Popen(
@@ -262,10 +268,10 @@ class JobManager:
 
     async def _finish(self, job: IterationJob) -> None:
         """Record the new policy's version name and, if asked, serve it."""
-        stages = self._state(job).get("stages", {})
-        version_id = (stages.get("ppo") or {}).get("version_id") or (stages.get("sft") or {}).get(
-            "version_id"
-        )
+        progress = self._progress_file(job)
+        stages = progress.stages if progress is not None else {}
+        ppo, sft = stages.get("ppo"), stages.get("sft")
+        version_id = (ppo.version_id if ppo is not None else None) or (sft.version_id if sft else None)
         if version_id is None:
             return
 
@@ -325,13 +331,13 @@ class JobManager:
     # --- progress ---------------------------------------------------------------------------------
 
     def _find_iteration(self, job: IterationJob) -> Path | None:
-        """The `iter-N` directory of the job: the newest one whose state file it wrote."""
+        """The `iter-N` directory of the job: the newest one whose progress file it wrote."""
         if job.iteration is not None:
             return self.work_dir / f"iter-{job.iteration}"
         found: list[int] = []
-        for path in self.work_dir.glob("iter-*/" + STATE_FILE):
+        for path in self.work_dir.glob("iter-*/" + PROGRESS_FILE):
             number = path.parent.name.removeprefix("iter-")
-            # the loop writes the state file as the iteration starts: older files are other jobs'
+            # the loop writes the progress file as the iteration starts: older files are other jobs'
             if number.isdigit() and path.stat().st_mtime >= job.started_at - 1:
                 found.append(int(number))
         if not found:
@@ -339,30 +345,22 @@ class JobManager:
         job.iteration = max(found)
         return self.work_dir / f"iter-{job.iteration}"
 
-    def _state(self, job: IterationJob) -> dict[str, Any]:
+    def _progress_file(self, job: IterationJob) -> IterationProgress | None:
         folder = self._find_iteration(job)
-        return _read_json(folder / STATE_FILE) if folder is not None else {}
+        return IterationProgress.read(folder) if folder is not None else None
 
     def progress(self, job: IterationJob) -> dict[str, Any]:
         """What the page shows of a job: its status, each stage's state and training progress, the log."""
         folder = self._find_iteration(job)
-        state = _read_json(folder / STATE_FILE) if folder is not None else {}
-        text = _tail(job.log_path)
-        said: dict[str, str] = {}
-        for line in text.splitlines():
-            matched = _STAGE_LINE.match(line.strip())
-            if matched:
-                said[matched.group(1)] = matched.group(2)
+        written = IterationProgress.read(folder) if folder is not None else None
         stages = []
         for name in STAGES:
-            record = (state.get("stages") or {}).get(name)
-            if record is not None:
-                status, seconds, note = record.get("status"), record.get("seconds"), record.get("note", "")
-            elif said.get(name) == "start":
-                status = "running" if job.status == "running" else job.status
-                seconds, note = None, ""
-            else:
-                status, seconds, note = said.get(name, "pending"), None, ""
+            record = written.stages.get(name) if written is not None else None
+            status: str = "pending" if record is None else record.status
+            if status == "running" and job.status != "running":
+                status = job.status  # the child stopped mid-stage: failed or cancelled
+            seconds = record.seconds if record is not None and record.status != "running" else None
+            note = record.note if record is not None else ""
             entry: dict[str, Any] = {"name": name, "status": status, "seconds": seconds, "note": note}
             if name != "eval" and folder is not None and status in ("running", "trained", "resumed"):
                 entry.update(_stage_training(folder / name))
@@ -379,9 +377,9 @@ class JobManager:
             "returncode": job.returncode,
             "policy_version": job.policy_version,
             "served": job.served,
-            "settings": job.settings.model_dump(),
+            "settings": dataclasses.asdict(job.settings),
             "stages": stages,
-            "log_tail": "\n".join(text.splitlines()[-40:]),
+            "log_tail": "\n".join(_tail(job.log_path).splitlines()[-40:]),
         }
 
 

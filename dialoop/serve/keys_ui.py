@@ -8,9 +8,10 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import RedirectResponse, Response
 from sqlalchemy.orm import Session
 
-from dialoop.serve.auth import CurrentUser, csrf_protect
+from dialoop.serve.auth import CurrentUser
 from dialoop.serve.deps import SessionDep
 from dialoop.serve.pages import render
+from dialoop.serve.sessions import csrf_protect
 from dialoop.store.accounts import create_api_key, list_api_keys, revoke_api_key
 from dialoop.store.models import User
 

@@ -21,7 +21,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dialoop import __version__
-from dialoop.serve.auth import apply_session_cookie, csrf_token, page_user
+from dialoop.serve.sessions import apply_session_cookie, csrf_token, page_user
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 TEMPLATES_DIR = WEB_DIR / "templates"

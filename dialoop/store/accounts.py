@@ -45,6 +45,11 @@ def get_user(session: Session, name: str) -> User | None:
     return session.scalars(select(User).where(User.name == name)).first()
 
 
+def has_users(session: Session) -> bool:
+    """True once the store has any user (a fresh store has none until the first admin is made)."""
+    return session.scalars(select(User.id).limit(1)).first() is not None
+
+
 def list_users(session: Session) -> list[User]:
     """All users, oldest first."""
     return list(session.scalars(select(User).order_by(User.id)))

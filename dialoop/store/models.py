@@ -18,6 +18,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def utc_iso(value: datetime | None) -> str | None:
+    """A stored (naive UTC) time as ISO 8601 with a `Z`, for JSON."""
+    return value.isoformat() + "Z" if value is not None else None
+
+
 class Base(DeclarativeBase):
     type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
 

@@ -74,6 +74,21 @@ def list_model_versions(session: Session, kind: str | None = None) -> list[Model
     return list(session.scalars(query))
 
 
+def first_base_policy(session: Session) -> ModelVersion | None:
+    """The oldest policy version that no run trained (a base model), or None."""
+    query = (
+        select(ModelVersion)
+        .where(ModelVersion.kind == "policy", ModelVersion.run_id.is_(None))
+        .order_by(ModelVersion.id)
+    )
+    return session.scalars(query).first()
+
+
+def recent_runs(session: Session, limit: int = 30) -> list[TrainingRun]:
+    """The newest training runs, newest first."""
+    return list(session.scalars(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(limit)))
+
+
 def served_model(session: Session) -> ModelVersion | None:
     """The policy version the server should serve, or None when none is chosen."""
     return session.scalars(

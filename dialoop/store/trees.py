@@ -6,15 +6,13 @@ regenerations. Functions take a session and at most flush; the caller's `session
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from dialoop.records import ChatMessage
 from dialoop.store.models import MESSAGE_ROLES, Conversation, Message
-
-if TYPE_CHECKING:
-    from dialoop.records import ChatMessage
 
 
 def add_message(

@@ -20,18 +20,10 @@ import torch
 from accelerate import Accelerator
 
 from dialoop.train.checkpoint import CheckpointManager
-from dialoop.train.common import (
-    NonFiniteGuard,
-    TrainConfig,
-    TrainState,
-    chunks,
-    global_batch_indices,
-    optimizer_step,
-    prepare_trained,
-    process_share,
-    total_steps,
-)
+from dialoop.train.common import TrainState, chunks, global_batch_indices, process_share, total_steps
+from dialoop.train.config import TrainConfig
 from dialoop.train.metrics import MetricsLogger
+from dialoop.train.strategy import NonFiniteGuard, Strategy
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +62,7 @@ def cosine_with_warmup(step: int, *, warmup: int, total: int) -> float:
 
 def fit(
     config: TrainConfig,
-    accelerator: Accelerator,
+    strategy: Strategy,
     model: torch.nn.Module,
     examples: Sequence[T],
     *,
@@ -91,7 +83,8 @@ def fit(
         raise ValueError("every training example must carry weight (filter out examples with no target)")
     num_steps = total_steps(config, len(examples))
     optimizer, scheduler = make_optimizer(config, model, num_steps)
-    model, optimizer = prepare_trained(accelerator, model, optimizer)
+    model, optimizer = strategy.prepare(model, optimizer)
+    accelerator = strategy.accelerator
     # the scheduler is not prepared (accelerate would step it once per process); it is checkpointed as is
     accelerator.register_for_checkpointing(scheduler)
     checkpoints = CheckpointManager(run_dir, accelerator, keep=config.keep_checkpoints)
@@ -125,13 +118,12 @@ def fit(
             for batch in micro_batches:
                 with accelerator.accumulate(model):
                     loss_sum, extra = loss_fn(model, [examples[i] for i in batch])
-                    accelerator.backward(loss_sum * (scale / norm))
+                    strategy.backward(loss_sum * (scale / norm))
                 finite = finite and bool(torch.isfinite(loss_sum.detach()).item())
                 for key, value in {"loss": loss_sum, **extra}.items():
                     totals[key] = totals.get(key, 0) + value.detach().float()
             lr = float(scheduler.get_last_lr()[0])
-            grad_norm = optimizer_step(
-                accelerator,
+            grad_norm = strategy.optimizer_step(
                 model,
                 optimizer,
                 scheduler,

@@ -23,18 +23,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from dialoop.run_metrics import METRICS_FILE, read_metrics
+
 logger = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.jsonl"
-
-
-def read_metrics(run_dir: Path, kind: str | None = None) -> list[dict[str, Any]]:
-    """The records of `RUN/metrics.jsonl`, optionally only those of one kind ("train", "eval", ...)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if kind is None or r.get("kind") == kind]
 
 
 class MetricsLogger:

@@ -1,252 +1,33 @@
-"""Making PPO's experience: sample replies (left padding), then score them (right padding) with the frozen
-models: the reference policy's log-probs and the reward; optionally the policy's log-probs and the values.
+"""Making PPO's experience: sample one reply per prompt, score it, and turn the scores into advantages.
 
-Learning from the experience lives in `dialoop.train.ppo`; the math in `dialoop.train.ppo_math`.
-Sequences for scoring are prompt + reply + pad, right-padded, so positions are simply 0..n-1 and a reply's
-token t sits at column prompt_len + t, predicted by the hidden state at column prompt_len + t - 1. The
-vocabulary projection runs on those reply columns only, and rows are grouped by length so that little
-compute goes to padding (`length_buckets`). The prefix that all rows of a pass share (the chat template's
-system prompt, say) runs once and its keys and values serve every row, gradients included
-(`backbone_states`): in the benchmark's workload that is 30 of ~70 tokens per row.
+- `sample_rollouts`: replies from the policy (or its whole copy), seeded per row of the global batch
+  (`row_seed`), packed right-padded (`dialoop.modeling.scoring.Experience`);
+- `score_rollouts`: the reward (a frozen reward model, a function, or the value model with its LoRA adapters
+  disabled), capped for replies without EOS (`apply_missing_eos_score`), the reference log-probs and, unless
+  the learner's first pass gives them, the policy's log-probs and the values at sampling time;
+- `compute_advantages`: per-token rewards -beta * KL + score at the last token, GAE, whitening.
+
+Learning from the experience is `dialoop.train.learner`'s; the math `dialoop.train.losses`'.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from dialoop.modeling.generation import Completion, common_prefix_len
-from dialoop.modeling.heads import reward_bias
-from dialoop.train.ppo_math import token_logprobs
-from dialoop.train.trunk import TrunkCache
+from dialoop.modeling.generation import SamplingParams, sample
+from dialoop.modeling.scoring import Experience, pack_rollouts, response_logprobs, reward_model_scores
+from dialoop.modeling.trunk import TrunkCache
+from dialoop.train.losses import gae_advantages, kl_shaped_rewards, masked_moments, masked_whiten
+from dialoop.train.ppo_config import PPOConfig
+from dialoop.train.strategy import Strategy
 
 # (prompt ids, reply ids without padding, its EOS included when it has one) -> one score per reply
 RewardFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], Sequence[float]]
-
-
-@dataclass
-class Experience:
-    """A batch of rollouts as right-padded tensors; per-token tensors cover the reply columns only."""
-
-    input_ids: Tensor  # [B, L] prompt + reply, then pad
-    attention_mask: Tensor  # [B, L] 1 on prompt and reply tokens
-    prompt_lens: Tensor  # [B]
-    response_ids: Tensor  # [B, R] reply tokens, then pad
-    response_mask: Tensor  # [B, R] float, 1 on reply tokens (EOS included)
-    finished: Tensor  # [B] bool, the reply ended with EOS
-    scores: Tensor | None = None  # [B] reward-model score after the missing-EOS penalty
-    raw_scores: Tensor | None = None  # [B] reward-model score as the model gave it
-    ref_logprobs: Tensor | None = None  # [B, R]
-    old_logprobs: Tensor | None = None  # [B, R] policy log-probs at sampling time
-    old_values: Tensor | None = None  # [B, R]
-    advantages: Tensor | None = None  # [B, R]
-    returns: Tensor | None = None  # [B, R]
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def lengths(self) -> list[int]:
-        """Prompt + reply tokens of each row."""
-        return [int(n) for n in self.attention_mask.sum(1)]
-
-    def rows(self, index: Sequence[int]) -> Experience:
-        """The sub-batch of rows `index`, trimmed to its own longest sequence and reply."""
-        idx = torch.as_tensor(list(index), dtype=torch.long, device=self.input_ids.device)
-        width = int(self.attention_mask[idx].sum(1).max())
-        width_r = max(1, int(self.response_mask[idx].sum(1).max()))
-        picked: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None:
-                value = value[idx]
-                if f.name in ("input_ids", "attention_mask"):
-                    value = value[:, :width]
-                elif value.dim() == 2:
-                    value = value[:, :width_r]
-            picked[f.name] = value
-        return Experience(**picked)
-
-    def put_rows(self, name: str, index: Sequence[int], values: Tensor) -> None:
-        """Write per-token `values` [len(index), r] of rows `index` into field `name` (created as zeros)."""
-        current = getattr(self, name)
-        if current is None:
-            current = torch.zeros_like(self.response_mask)
-            setattr(self, name, current)
-        idx = torch.as_tensor(list(index), dtype=torch.long, device=current.device)
-        current[idx, : values.shape[1]] = values.to(current.dtype)
-
-
-def pack_rollouts(
-    prompts: Sequence[Sequence[int]],
-    completions: Sequence[Completion],
-    pad_token_id: int,
-    device: torch.device,
-) -> Experience:
-    """Right-padded prompt + reply tensors of a batch of sampled replies."""
-    if not completions or any(not c.token_ids for c in completions):
-        raise ValueError("every rollout needs at least one generated token")
-    width = max(len(p) + len(c.token_ids) for p, c in zip(prompts, completions, strict=True))
-    width_r = max(len(c.token_ids) for c in completions)
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    response_ids = torch.full((len(prompts), width_r), pad_token_id, dtype=torch.long)
-    response_mask = torch.zeros((len(prompts), width_r))
-    for b, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        ids = list(prompt) + completion.token_ids
-        input_ids[b, : len(ids)] = torch.tensor(ids)
-        attention_mask[b, : len(ids)] = 1
-        response_ids[b, : len(completion.token_ids)] = torch.tensor(completion.token_ids)
-        response_mask[b, : len(completion.token_ids)] = 1
-    return Experience(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        prompt_lens=torch.tensor([len(p) for p in prompts], device=device),
-        response_ids=response_ids.to(device),
-        response_mask=response_mask.to(device),
-        finished=torch.tensor([c.finished for c in completions], device=device),
-    )
-
-
-def length_buckets(lengths: Sequence[int], max_rows: int, overhead_tokens: int) -> list[list[int]]:
-    """Group row indices into batches of at most `max_rows` rows that waste little compute on padding.
-
-    Rows are sorted by length (longest first) and cut where it pays: a batch costs rows x its longest
-    length, plus `overhead_tokens` for launching one more forward pass (dynamic programming over the cuts).
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    n = len(order)
-    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j rows (sorted)
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        for i in range(max(0, j - max_rows), j):
-            cost = best[i] + (j - i) * lengths[order[i]] + overhead_tokens
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups: list[list[int]] = []
-    j = n
-    while j > 0:
-        groups.append(order[cut[j] : j])
-        j = cut[j]
-    return groups[::-1]
-
-
-def _hf_model(model: Any) -> Any:
-    """The transformers model under a peft wrapper (its adapters stay active unless disabled)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def shared_prefix_len(exp: Experience) -> int:
-    """Leading prompt tokens common to every row (`common_prefix_len`)."""
-    lengths = exp.prompt_lens.tolist()
-    return common_prefix_len([exp.input_ids[i, :n].tolist() for i, n in enumerate(lengths)])
-
-
-def _is_sharded(module: torch.nn.Module) -> bool:
-    """Whether each forward gathers the module's weights from all processes: FSDP's DTensors, or DeepSpeed
-    ZeRO-3's partitioned parameters (they carry a `ds_id`)."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in module.parameters())
-
-
-def trunk_rows(exp: Experience, shared: int) -> tuple[list[bytes], list[int]]:
-    """Each row's `TrunkCache` key (its tokens and where its pass starts), and its real columns there."""
-    lengths = exp.lengths
-    keys = [
-        shared.to_bytes(4, "little") + exp.input_ids[i, :n].cpu().numpy().tobytes()
-        for i, n in enumerate(lengths)
-    ]
-    return keys, [n - shared for n in lengths]
-
-
-def backbone_states(model: Any, exp: Experience, trunk: TrunkCache | None = None) -> tuple[Tensor, int]:
-    """Last hidden states of columns P..L-1 ([B, L-P, H]) and P, the length of the rows' shared prefix.
-
-    The prefix runs once; the rows continue from its keys and values (so gradients flow into it once per
-    row, as in a full forward). Right padding and causal attention: real tokens never see the padding after
-    them, so no mask is needed and positions are 0..n-1, as for each sequence alone. With `trunk`, the rows'
-    pass keeps (or reuses) what leaves the model's frozen bottom blocks.
-    """
-    hf = _hf_model(model)
-    backbone = getattr(hf, hf.base_model_prefix)
-    # gradient checkpointing recomputes layers without a cache: no shared prefix then; nor under FSDP or
-    # ZeRO-3, where each call of a block gathers its weights with the other processes (rows of other prefixes)
-    checkpointing = getattr(backbone, "gradient_checkpointing", False) and backbone.training
-    shared = 0 if checkpointing or _is_sharded(backbone) else shared_prefix_len(exp)
-    reuse = trunk.reuse(hf, *trunk_rows(exp, shared)) if trunk is not None else nullcontext()
-    if not shared:
-        with reuse:
-            return backbone(input_ids=exp.input_ids, use_cache=False).last_hidden_state, 0
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=hf.config)
-    kwarg = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
-    backbone(input_ids=exp.input_ids[:1, :shared], use_cache=True, **{kwarg: cache})
-    cache.batch_repeat_interleave(len(exp))
-    # the prefix (one row) runs in full, so every block's cache holds it; a skipped block's stays unread
-    with reuse:
-        out = backbone(input_ids=exp.input_ids[:, shared:], use_cache=True, **{kwarg: cache})
-    return out.last_hidden_state, shared
-
-
-def reply_token_index(exp: Experience) -> tuple[Tensor, Tensor]:
-    """(row, step) of every real reply token, row-major."""
-    rows, steps = exp.response_mask.nonzero(as_tuple=True)
-    return rows, steps
-
-
-def reply_logits(model: Any, exp: Experience, trunk: TrunkCache | None = None) -> Tensor:
-    """[N, V] logits predicting the N real reply tokens (order of `reply_token_index`); the vocabulary
-    projection runs on those columns only."""
-    hidden, shared = backbone_states(model, exp, trunk)
-    rows, steps = reply_token_index(exp)
-    return _hf_model(model).get_output_embeddings()(hidden[rows, exp.prompt_lens[rows] - 1 + steps - shared])
-
-
-def scatter_replies(values: Tensor, exp: Experience) -> Tensor:
-    """[N] per-reply-token values (order of `reply_token_index`) -> [B, R], zeros on padding."""
-    out = torch.zeros(exp.response_mask.shape, dtype=values.dtype, device=values.device)
-    rows, steps = reply_token_index(exp)
-    out[rows, steps] = values
-    return out
-
-
-def response_logprobs(
-    model: Any, exp: Experience, temperature: float, trunk: TrunkCache | None = None
-) -> Tensor:
-    """[B, R] log-probs of the reply tokens under softmax(logits / temperature), the sampling distribution."""
-    rows, steps = reply_token_index(exp)
-    logprobs = token_logprobs(reply_logits(model, exp, trunk), exp.response_ids[rows, steps], temperature)
-    return scatter_replies(logprobs, exp)
-
-
-def _score_head(model: Any, hidden: Tensor) -> Tensor:
-    # the reward head as `dialoop.modeling.heads` defines it: the `score` module, minus the reward bias
-    return _hf_model(model).score(hidden).squeeze(-1).float() - reward_bias(model)
-
-
-def response_values(value_model: Any, exp: Experience, trunk: TrunkCache | None = None) -> Tensor:
-    """[B, R] value of the state before each reply token (`heads.per_token_values` at those columns)."""
-    hidden, shared = backbone_states(value_model, exp, trunk)
-    values = _score_head(value_model, hidden)
-    steps = torch.arange(exp.response_ids.shape[1], device=values.device)
-    cols = exp.prompt_lens.unsqueeze(1) - 1 + steps.unsqueeze(0) - shared
-    return values.gather(1, cols.clamp(max=values.shape[1] - 1)) * exp.response_mask
-
-
-def reward_model_scores(reward_model: Any, exp: Experience, trunk: TrunkCache | None = None) -> Tensor:
-    """[B] reward of each prompt + reply, read at its last token (`heads.last_token_scores`)."""
-    hidden, shared = backbone_states(reward_model, exp, trunk)
-    last = exp.attention_mask.sum(1) - 1 - shared
-    return _score_head(reward_model, hidden[torch.arange(len(exp), device=hidden.device), last])
 
 
 def function_scores(reward_fn: RewardFn, exp: Experience) -> Tensor:
@@ -272,3 +53,102 @@ def apply_missing_eos_score(raw_scores: Tensor, finished: Tensor, no_eos_score: 
     if no_eos_score is None:
         return raw_scores
     return torch.where(finished, raw_scores, raw_scores.clamp(max=no_eos_score))
+
+
+def row_seed(seed: int, step: int, row: int) -> int:
+    """The sampling seed of one rollout: a function of (run seed, step, row of the global batch) only, so
+    rollouts do not depend on the number of processes and a resumed run samples what the first would have."""
+    return (seed * 1_000_003 + step * 10_007 + row) % 2**62
+
+
+def sample_rollouts(
+    generator: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    config: PPOConfig,
+    step: int,
+    first_row: int,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    device: torch.device,
+) -> Experience:
+    """One reply per prompt (rows `first_row`.. of step `step`'s global batch), packed for scoring."""
+    params = [
+        SamplingParams(
+            config.max_new_tokens, config.temperature, seed=row_seed(config.seed, step, first_row + j)
+        )
+        for j in range(len(prompts))
+    ]
+    completions = sample(generator, prompts, params, eos_token_ids=eos_ids, pad_token_id=pad_id)
+    return pack_rollouts(prompts, completions, pad_id, device)
+
+
+@dataclass
+class CurrentModels:
+    """The trained models as scoring sees them (no gradients)."""
+
+    policy: Any  # adapters disabled: the reference, when there is no reference model
+    value: Any  # adapters disabled: the reward model, when there is none
+    policy_pass: (
+        Callable[..., dict[str, Tensor]] | None
+    )  # None: the learner's first pass gives the old log-probs
+    value_pass: Callable[[Experience], Tensor] | None  # None: the learner's first pass gives the old values
+
+
+@torch.no_grad()
+def score_rollouts(
+    exp: Experience,
+    passes: Sequence[list[int]],
+    current: CurrentModels,
+    *,
+    strategy: Strategy,
+    reward: torch.nn.Module | RewardFn | None,
+    ref: torch.nn.Module | None,
+    trunk: TrunkCache | None,
+    config: PPOConfig,
+) -> None:
+    """Reward scores, reference log-probs and (unless `current` leaves them out) old log-probs and values,
+    one forward pass of each model per group of rows in `passes`."""
+    acc = strategy.accelerator
+    raw = torch.zeros(len(exp), device=strategy.device)
+    if not isinstance(reward, torch.nn.Module) and reward is not None:
+        raw = function_scores(reward, exp)
+    for rows in passes:
+        part = exp.rows(rows)
+        idx = torch.tensor(rows, device=strategy.device)
+        # frozen models are stored in the compute dtype; LoRA views and fp32 master weights need autocast
+        if isinstance(reward, torch.nn.Module):
+            raw[idx] = reward_model_scores(reward, part, trunk)
+        elif reward is None:
+            with acc.autocast(), current.value.disable_adapter():
+                raw[idx] = reward_model_scores(current.value, part)
+        if ref is None:
+            with acc.autocast(), current.policy.disable_adapter():
+                exp.put_rows(
+                    "ref_logprobs", rows, response_logprobs(current.policy, part, config.temperature)
+                )
+        else:
+            exp.put_rows("ref_logprobs", rows, response_logprobs(ref, part, config.temperature, trunk))
+        with acc.autocast():
+            if current.value_pass is not None:
+                exp.put_rows("old_values", rows, current.value_pass(part))
+            if current.policy_pass is not None:
+                out = current.policy_pass(part, config.temperature)
+                exp.put_rows("old_logprobs", rows, out["logprobs"])
+    exp.raw_scores = raw.float()
+    exp.scores = apply_missing_eos_score(exp.raw_scores, exp.finished, config.no_eos_score)
+
+
+@torch.no_grad()
+def compute_advantages(exp: Experience, strategy: Strategy, config: PPOConfig, beta: float) -> None:
+    """KL-shaped rewards, GAE, and advantages whitened over the global batch."""
+    assert exp.old_logprobs is not None and exp.ref_logprobs is not None and exp.old_values is not None
+    assert exp.scores is not None
+    mask = exp.response_mask
+    rewards, _ = kl_shaped_rewards(exp.old_logprobs, exp.ref_logprobs, exp.scores, mask, beta)
+    advantages, exp.returns = gae_advantages(rewards, exp.old_values, mask, config.gamma, config.lam)
+    if config.whiten_advantages:
+        # over the global batch, so N processes compute what one process would
+        moments = strategy.accelerator.reduce(masked_moments(advantages, mask), "sum")
+        advantages = masked_whiten(advantages, mask, moments)
+    exp.advantages = advantages

@@ -2,7 +2,7 @@
 
     dialoop train sft --out runs/sft                                    # demonstrations from the store
     dialoop train sft --data demos.jsonl --format messages --out runs/sft
-    accelerate launch --multi_gpu --num_processes 2 -m dialoop.train sft ...  # 2 processes, same curve
+    accelerate launch --multi_gpu --num_processes 2 -m dialoop.cli train sft ...  # 2 processes, same curve
 
 Each conversation goes through the model's chat template; the target tokens of an assistant turn are its
 content and its end-of-turn token (EOS), never the role header, the template's system prompt, or what the
@@ -30,15 +30,14 @@ from dialoop.train.common import (
     freeze_lower_layers,
     load_causal_lm_for_training,
     load_training_tokenizer,
-    make_accelerator,
     prepare_run_dir,
     resolve_base_model,
-    save_model,
     seed_everything,
     write_json_atomic,
 )
 from dialoop.train.config import SFTConfig
 from dialoop.train.fit import finish_checkpoints, fit
+from dialoop.train.strategy import make_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +183,8 @@ def build_rows(config: SFTConfig, tokenizer: Any, examples: Sequence[ChatExample
 def train_sft(config: SFTConfig, examples: Sequence[ChatExample]) -> Path:
     """Fine-tune `config.model` on `examples` and write an AutoModelForCausalLM dir to the run dir."""
     started = time.time()
-    accelerator = make_accelerator(config)
+    strategy = make_strategy(config)
+    accelerator = strategy.accelerator
     run_dir = prepare_run_dir(config, "sft", accelerator)
     seed_everything(config.seed)
     base = resolve_base_model(config.model)
@@ -207,7 +207,7 @@ def train_sft(config: SFTConfig, examples: Sequence[ChatExample]) -> Path:
 
     model, state = fit(
         config,
-        accelerator,
+        strategy,
         model,
         rows,
         loss_fn=loss_fn,
@@ -216,7 +216,7 @@ def train_sft(config: SFTConfig, examples: Sequence[ChatExample]) -> Path:
         run_dir=run_dir,
         description="SFT",
     )
-    save_model(accelerator, model, tokenizer, run_dir)
+    strategy.save_model(model, tokenizer, run_dir)
     if accelerator.is_main_process:
         write_json_atomic(
             run_dir / SUMMARY_FILE,

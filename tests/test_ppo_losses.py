@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from dialoop.train.ppo_math import (
+from dialoop.modeling.scoring import token_logprobs
+from dialoop.train.common import length_buckets
+from dialoop.train.losses import (
     KLController,
     clipped_policy_loss,
     clipped_value_loss,
@@ -17,9 +19,8 @@ from dialoop.train.ppo_math import (
     masked_mean,
     masked_moments,
     masked_whiten,
-    token_logprobs,
 )
-from dialoop.train.rollout import apply_missing_eos_score, length_buckets
+from dialoop.train.rollout import apply_missing_eos_score
 
 T = torch.tensor
 

@@ -1,4 +1,5 @@
-"""The PPO math, one small named function each: KL-shaped rewards, GAE, whitening, clipped losses, KL control.
+"""The PPO losses and math, one small named function each: masked means, KL-shaped rewards, GAE, whitening,
+clipped policy and value losses, entropy, KL control.
 
 Every function works on right-aligned per-token tensors of shape [batch, response_len] with a 0/1 `mask`
 marking the reply's tokens (its EOS included); positions past a reply's end are padding and count nowhere.
@@ -37,15 +38,6 @@ def masked_whiten(x: Tensor, mask: Tensor, moments: Tensor | None = None, eps: f
     mean = total / n
     var = (total_sq / n - mean * mean) * n / (n - 1).clamp(min=1)
     return (x - mean) * torch.rsqrt(var.clamp(min=0) + eps) * mask
-
-
-def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
-    """log p(token) under softmax(logits / temperature), computed in fp32: the sampling distribution."""
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
 
 
 def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
