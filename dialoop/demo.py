@@ -80,9 +80,10 @@ class DemoConfig:
 
 
 def demo_config(out: Path, *, quick: bool = False, seed: int = 0, progress: bool = True) -> DemoConfig:
-    """The demo's budgets: sized so the embedded default runs end to end in 8.5 to 22 minutes on 2 idle cores
-    with native bf16 (three machines), about 33 on 2 cores that compute in fp32 only (docs/demo.md);
-    `quick` runs every stage on a tiny model in seconds."""
+    """The demo's budgets: sized so the embedded default runs end to end in 11 to 12 minutes on 2 idle cores
+    with native bf16 (four seeds; earlier budgets took 8.5 to 22 minutes on other machines, and about 33 on
+    2 cores that compute in fp32 only: docs/experiments/2026-11-demo-recipe.md); `quick` runs every stage
+    on a tiny model in seconds."""
     if quick:
         tokens = SamplingParams(max_new_tokens=8, temperature=1.0)
         return DemoConfig(
@@ -116,7 +117,8 @@ def demo_config(out: Path, *, quick: bool = False, seed: int = 0, progress: bool
             progress=progress,
         )
     # bf16 autocast where the CPU computes bf16 natively: with the lower layers frozen it took 1.6x less
-    # CPU per SFT step than fp32 on the 2-core machine these budgets were measured on (docs/demo.md)
+    # CPU per SFT step than fp32 on the 2-core machine these budgets were measured on
+    # (docs/experiments/2026-11-demo-recipe.md)
     precision = "bf16" if inference_dtype() == torch.bfloat16 else "fp32"
     replies = 48  # tokens per reply of chats, comparisons, PPO and the card: a budget PPO learns to finish in
     return DemoConfig(
@@ -125,7 +127,8 @@ def demo_config(out: Path, *, quick: bool = False, seed: int = 0, progress: bool
         trainers=4,
         demonstrations=96,
         # K = 6 replies per task: 15 ranked pairs each instead of 6 for little more sampling (InstructGPT
-        # ranks 4 to 9); RM held-out accuracy 74.0-76.6% in three seeds, 68.7-84.7% at K = 4 (docs/demo.md)
+        # ranks 4 to 9); RM held-out accuracy 74.0-76.6% in three seeds, 68.7-84.7% at K = 4
+        # (docs/experiments/2026-11-demo-recipe.md)
         k=6,
         chats_per_round=64,
         trainer=SimTrainerConfig(
@@ -145,7 +148,7 @@ def demo_config(out: Path, *, quick: bool = False, seed: int = 0, progress: bool
         # a few hundred rankings of 6: two passes over them (one pass is InstructGPT's choice for large data;
         # 3 with K = 4), at 1e-4, on every ranking: the card measures the RM on rankings it never saw, so no
         # tenth is held out in training. Retrained on one demo's rankings: 75.4% on held-out rankings of its
-        # policy-2, against 66.5% at 5e-5 (docs/demo.md)
+        # policy-2, against 66.5% at 5e-5 (docs/experiments/2026-11-demo-recipe.md)
         rm=RewardConfig(
             epochs=2,
             batch_size=16,
@@ -171,7 +174,7 @@ def demo_config(out: Path, *, quick: bool = False, seed: int = 0, progress: bool
             checkpoint_every=0,
         ),
         # 128 held-out prompts, as `dialoop eval`: on 64 a win rate's standard error is about 6 points, on 128
-        # about 4 (seed 0's policy-3: 58.6% on 64, 61.7% on 128; docs/demo.md)
+        # about 4 (seed 0's policy-3: 58.6% on 64, 61.7% on 128; docs/experiments/2026-11-demo-recipe.md)
         eval=EvalConfig(prompts=128, max_new_tokens=replies),
         progress=progress,
     )

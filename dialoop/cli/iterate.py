@@ -116,7 +116,9 @@ class IterateOptions(IterationKnobs):
     work_dir: Path | None = field(
         default=None, metadata={"help": "Where runs go (default: DIALOOP_HOME/runs)."}
     )
-    verbose: bool = field(default=False, metadata={"help": "Log what each stage does."})
+    verbose: bool = field(
+        default=False, metadata={"help": "Log what each stage does.", "short_flags": ["-v"]}
+    )
 
 
 @config_command(

@@ -46,6 +46,7 @@ def config_command(
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
             flag = "--" + f.name.replace("_", "-")
             names = [f"{flag}/--no-{f.name.replace('_', '-')}"] if hints[f.name] is bool else [flag]
+            names += f.metadata.get("short_flags", [])  # e.g. ["-v"]
             option = typer.Option(
                 default, *names, help=f.metadata.get("help"), show_default=default is not None
             )

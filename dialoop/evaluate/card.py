@@ -100,7 +100,7 @@ def inference_dtype(precision: str = "auto") -> torch.dtype:
 
     Unlike training under autocast, inference with bf16 weights pays off on CPUs with AVX512-BF16 even
     without AMX: one decoding step of the default model took 2.4x less CPU than in fp32 on this project's
-    2-core machine (docs/demo.md)."""
+    2-core machine (docs/experiments/2026-11-demo-recipe.md)."""
     if precision != "auto":
         return torch.bfloat16 if precision == "bf16" else torch.float32
     device = pick_device()
