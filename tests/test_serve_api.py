@@ -101,7 +101,7 @@ def test_api_keys_and_roles_are_checked_on_both_stores(db_url: str, tiny_model_d
         assert stats.status_code == 200 and stats.json()["served"] == tiny_model_dir.name
 
 
-def test_invalid_parameters_are_422_naming_the_parameter(live: Live) -> None:
+def test_invalid_parameters_are_400_naming_the_parameter(live: Live) -> None:
     cases: list[tuple[dict[str, Any], str]] = [
         ({"temperature": 3}, "temperature"),
         ({"top_p": 1.5}, "top_p"),
@@ -112,10 +112,10 @@ def test_invalid_parameters_are_422_naming_the_parameter(live: Live) -> None:
         ({"stop": 5}, "stop"),
     ]
     for body, param in cases:
-        error = error_of(live.chat(**body), 422)
+        error = error_of(live.chat(**body), 400)
         assert error["param"] == param, (body, error)
         assert error["type"] == "invalid_request_error"
-    error_of(live.http.post("/v1/chat/completions", json={"messages": HELLO}), 422)
+    error_of(live.http.post("/v1/chat/completions", json={"messages": HELLO}), 400)
 
 
 def test_a_body_that_is_not_json_is_400(live: Live) -> None:
@@ -127,7 +127,7 @@ def test_a_body_that_is_not_json_is_400(live: Live) -> None:
     assert error_of(response, 400)["code"] == "invalid_json"
 
 
-def test_size_limits_answer_413_and_limits_on_parameters_422(live: Live) -> None:
+def test_size_limits_answer_413_and_limits_on_parameters_400(live: Live) -> None:
     too_many = error_of(live.chat(messages=HELLO * 5), 413)
     assert too_many["code"] == "too_many_messages" and "at most 4" in too_many["message"]
     too_long = error_of(live.chat(messages=[{"role": "user", "content": "x" * 4001}]), 413)
@@ -140,7 +140,7 @@ def test_size_limits_answer_413_and_limits_on_parameters_422(live: Live) -> None
         ({"n": 4}, "n"),
         ({"stop": ["a", "b", "c"]}, "stop"),
     ):
-        error = error_of(live.chat(**body), 422)
+        error = error_of(live.chat(**body), 400)
         assert error["param"] == param and "at most" in error["message"].lower()
 
 

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 import uvicorn
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from dialoop import __version__
 from dialoop.modeling.device import pick_device
-from dialoop.serve import admin, auth, chat, keys_ui, openai_api, openai_errors, pages, trainer
+from dialoop.serve import admin, auth, chat, health, keys_ui, openai_api, openai_errors, pages, trainer
 from dialoop.serve.models import ModelRegistry
+from dialoop.serve.text import reject_unstorable_text
 from dialoop.serve.worker import GenerationWorker
 from dialoop.settings import ServeSettings, settings
 from dialoop.store.accounts import has_users
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 def _include_routers(app: FastAPI) -> None:
     """Every router of the server; add yours here, one line each."""
+    app.include_router(health.router)
     app.include_router(openai_api.router)
     app.include_router(pages.router)
     app.include_router(auth.router)
@@ -105,7 +107,13 @@ def create_app(
             await worker.stop()
             engine.dispose()
 
-    app = FastAPI(title="Dialoop", version=__version__, lifespan=lifespan)
+    # every route refuses text the store cannot hold (dialoop.serve.text), the same way on every store
+    app = FastAPI(
+        title="Dialoop",
+        version=__version__,
+        lifespan=lifespan,
+        dependencies=[Depends(reject_unstorable_text)],
+    )
     app.state.engine = engine
     app.state.registry = registry
     app.state.worker = worker

@@ -79,7 +79,7 @@ def _chat_messages(body: ChatCompletionRequest, limits: ServeSettings) -> list[C
 def _stops(body: ChatCompletionRequest, limits: ServeSettings) -> list[str]:
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > limits.max_stop:
-        raise OpenAIError(422, f"At most {limits.max_stop} stop sequences are allowed.", param="stop")
+        raise OpenAIError(400, f"At most {limits.max_stop} stop sequences are allowed.", param="stop")
     return [s for s in stops if s]
 
 
@@ -88,7 +88,7 @@ def _max_tokens(body: ChatCompletionRequest, limits: ServeSettings) -> int | Non
     value = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if value is not None and value > limits.max_tokens_limit:
         raise OpenAIError(
-            422, f"{param} is {value}; this server allows at most {limits.max_tokens_limit}.", param=param
+            400, f"{param} is {value}; this server allows at most {limits.max_tokens_limit}.", param=param
         )
     return value
 
@@ -97,7 +97,7 @@ async def _submit(worker: GenerationWorker, body: ChatCompletionRequest, limits:
     """Validate `body` against the limits and queue its generation; every refusal is an OpenAIError."""
     n = body.n or 1
     if n > limits.max_n:
-        raise OpenAIError(422, f"n is {n}; this server allows at most {limits.max_n}.", param="n")
+        raise OpenAIError(400, f"n is {n}; this server allows at most {limits.max_n}.", param="n")
     messages = _chat_messages(body, limits)
     max_tokens = _max_tokens(body, limits)
     stop = _stops(body, limits)

@@ -5,14 +5,17 @@ raise OpenAIError(404, "The model `x` does not exist.", param="model", code="mod
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from dialoop.serve.text import printable
 
 # included after every other router, so that only URLs nobody serves reach it
 fallback_router = APIRouter(prefix="/v1", include_in_schema=False)
@@ -46,15 +49,39 @@ class OpenAIError(Exception):
 @fallback_router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 async def unknown_route(path: str, request: Request) -> None:
     """Unknown /v1 URLs (or a known URL with another method) answer in OpenAI's error shape."""
-    for route in request.app.router.routes:
-        if route is not request.scope.get("route") and route.matches(request.scope)[0] == Match.PARTIAL:
-            raise OpenAIError(
-                405, f"{request.method} is not allowed on /v1/{path}.", code="method_not_allowed"
-            )
+    allowed = allowed_methods(request)
+    if allowed:
+        raise OpenAIError(
+            405,
+            f"{request.method} is not allowed on /v1/{path}.",
+            code="method_not_allowed",
+            headers={"Allow": ", ".join(allowed)},
+        )
     raise OpenAIError(404, f"Unknown request URL: {request.method} /v1/{path}.", code="unknown_url")
 
 
-def _is_v1(request: Request) -> bool:
+def _routes(app: FastAPI) -> Iterable[Any]:
+    """Every route of `app`: recent FastAPI keeps included routers nested, older ones flatten them."""
+    try:
+        from fastapi.routing import iter_route_contexts  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        return list(app.router.routes)
+    return list(iter_route_contexts(app.router.routes))
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at the request's path (Starlette's 405 names only the first route's)."""
+    return sorted(
+        {
+            method
+            for route in _routes(request.app)
+            if route.matches(request.scope)[0] == Match.PARTIAL
+            for method in getattr(route, "methods", None) or ()
+        }
+    )
+
+
+def is_v1(request: Request) -> bool:
     return request.url.path == "/v1" or request.url.path.startswith("/v1/")
 
 
@@ -64,11 +91,14 @@ async def _openai_error(request: Request, exc: Exception) -> Response:
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
-    """/v1 validation errors in OpenAI's shape (a body that is not JSON: 400); other paths: FastAPI's."""
+    """/v1 validation errors: 400 in OpenAI's shape, as OpenAI answers them; other paths: FastAPI's 422.
+
+    Neither echoes a string it could not encode (a lone surrogate): answering it would fail in turn.
+    """
     assert isinstance(exc, RequestValidationError)
-    if not _is_v1(request):
-        return await request_validation_exception_handler(request, exc)
-    errors = exc.errors()
+    errors = printable(jsonable_encoder(exc.errors()))
+    if not is_v1(request):
+        return JSONResponse({"detail": errors}, status_code=422)
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         return JSONResponse(
@@ -88,8 +118,8 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
         for loc, e in zip(locs, errors, strict=True)
     )
     return JSONResponse(
-        OpenAIError(422, f"Invalid request: {message}", param=param, code="invalid_value").body(),
-        status_code=422,
+        OpenAIError(400, f"Invalid request: {message}", param=param, code="invalid_value").body(),
+        status_code=400,
     )
 
 

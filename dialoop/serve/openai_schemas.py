@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-_SEED_RANGE = 2**63
+# the sampler seeds torch generators, which take at most 64 bits: OpenAI's seeds are non-negative int64s
+SEED_LIMIT = 2**63
 
 
 class ContentPart(BaseModel):
@@ -42,7 +43,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     n: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-_SEED_RANGE, lt=_SEED_RANGE)
+    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
 

@@ -16,11 +16,12 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
-from fastapi.responses import FileResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dialoop import __version__
+from dialoop.serve.openai_errors import OpenAIError, allowed_methods, is_v1
 from dialoop.serve.sessions import apply_session_cookie, csrf_token, page_user
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -103,8 +104,17 @@ def wants_page(request: Request) -> bool:
 
 
 async def _error_page(request: Request, exc: Exception) -> Response:
-    """Errors of page visits as a page in the layout; everything else gets FastAPI's JSON answer."""
+    """Errors of page visits as a page in the layout; /v1's in OpenAI's shape; the rest FastAPI's JSON.
+
+    A 405 names in `Allow` the methods of every route at the path, not only of the first one.
+    """
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 405:
+        allow = {"Allow": ", ".join(allowed_methods(request))}
+        exc = StarletteHTTPException(405, exc.detail, headers={**(exc.headers or {}), **allow})
+    if is_v1(request) and exc.status_code >= 400:  # e.g. FastAPI's 400 for a body that is not UTF-8
+        error = OpenAIError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=error.headers)
     if exc.status_code < 400 or not wants_page(request):
         return await http_exception_handler(request, exc)
     reason = (

@@ -101,6 +101,11 @@ class GenerationWorker:
     def queued_rows(self) -> int:
         return self._reserved
 
+    @property
+    def running(self) -> bool:
+        """True while the loop is started and has not stopped or crashed."""
+        return self._task is not None and not self._task.done()
+
     async def start(self, *, preload: bool = True) -> None:
         """Start the loop; with `preload`, load the served model now rather than on the first request."""
         self._wake = asyncio.Event()  # bound to this event loop: the worker may be started again later
@@ -149,7 +154,7 @@ class GenerationWorker:
             raise ValueError(f"n must be >= 1, got {n}")
         if n > self.max_batch:
             raise ValueError(f"n must be at most {self.max_batch}, got {n}")
-        if self._task is None or self._task.done():
+        if not self.running:
             raise RuntimeError("the generation worker is not running")
         if self._reserved + n > self.max_queue:
             self.stats.rejected += 1
@@ -287,16 +292,36 @@ class GenerationWorker:
             self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * (time.monotonic() - started)
 
     def _decode(self, batch: list[Generation]) -> None:
-        """Decode one batch (on the worker thread), pushing events as tokens arrive."""
+        """Decode one batch (on the worker thread), pushing events as tokens arrive.
+
+        When the batched call fails, each request that has not streamed a token yet is decoded again on
+        its own, so that a request the sampler cannot serve fails alone rather than with its batch.
+        """
         lm = batch[0]._lm
         rows = [_Row(gen, i, p, lm.tokenizer) for gen in batch for i, p in enumerate(gen.params)]
         for gen in batch:
             gen._rows = [r for r in rows if r.gen is gen]
-        eos = set(lm.eos_token_ids)
         self.stats.batches += 1
         self.stats.rows_decoded += len(rows)
         self.stats.batch_sizes.append(len(rows))
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
+
+        failure = self._sample(lm, rows)
+        if failure is not None:
+            for gen in batch:
+                unfinished = [r for r in gen._rows if not r.ended]
+                alone = len(batch) > 1 and unfinished and not any(r.token_ids for r in gen._rows)
+                error = self._sample(lm, unfinished) if alone else failure
+                if error is not None:
+                    for row in unfinished:
+                        row.end("error", f"generation failed: {error}")
+        for row in rows:
+            # rows the sampler never stepped (cancelled before their first token) end here
+            row.end("cancelled" if row.gen.cancelled else "error", "generation ended without a result")
+
+    def _sample(self, lm: LoadedModel, rows: list[_Row]) -> Exception | None:
+        """Decode `rows` in one `sample` call; the exception it raised, if any (logged)."""
+        eos = set(lm.eos_token_ids)
 
         def on_step(step: list[int | None]) -> list[int]:
             cut = []
@@ -316,16 +341,13 @@ class GenerationWorker:
         try:
             sample(
                 lm.model,
-                [gen.prompt_ids for gen in batch for _ in gen.params],
+                [row.gen.prompt_ids for row in rows],
                 [row.params for row in rows],
                 eos_token_ids=lm.eos_token_ids,
                 pad_token_id=lm.pad_token_id,
                 on_step=on_step,
             )
         except Exception as exc:
-            log.exception("generation failed for batch of %d rows", len(rows))
-            for row in rows:
-                row.end("error", f"generation failed: {exc}")
-        for row in rows:
-            # rows the sampler never stepped (cancelled before their first token) end here
-            row.end("cancelled" if row.gen.cancelled else "error", "generation ended without a result")
+            log.exception("generation failed for %d rows of %s", len(rows), {r.gen.id for r in rows})
+            return exc
+        return None

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from dialoop.serve.openai_schemas import SEED_LIMIT
+
 
 class DemonstrationIn(BaseModel):
     title: str = Field("", max_length=300)
@@ -33,7 +35,7 @@ class SuggestIn(BaseModel):
     temperature: float = Field(0.8, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
 
 
 class RankingIn(BaseModel):
