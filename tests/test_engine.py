@@ -198,6 +198,7 @@ def test_stop_token_ids_and_eos_end_the_reply_without_text(model: PreTrainedMode
     assert c[0].finish_reason == "stop" and c[0].token_ids == [EOS] and c[0].text == ""
 
 
+@pytest.mark.slow
 def test_a_thousand_mixed_requests_with_cancels_leak_no_slot_or_queue_entry(model: PreTrainedModel) -> None:
     engine = _engine(model, max_rows=8, prefill_chunk=4, max_queue=1000, max_rows_per_owner=5)
     rng = random.Random(0)

@@ -18,6 +18,7 @@ HH_DEV = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-bas
 runner = CliRunner()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HH_DEV.exists(), reason=f"the HH-RLHF data is not at {HH_DEV}")
 def test_hh_rlhf_dev_imports_as_1600_pairs_and_exports_them_back(
     sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -86,6 +86,7 @@ def make_run(cfg: PPOConfig, reward_fn: object = count_targets) -> PPORun:
     return PPORun(cfg, strategy, models, tokenizer, encode_prompts(tokenizer, PROMPTS, 500))
 
 
+@pytest.mark.slow
 def test_scoring_matches_full_forward_passes(tiny_model_dir: Path, tiny_rm_dir: Path) -> None:
     tokenizer = load_tokenizer(tiny_model_dir)
     policy = load_causal_lm(tiny_model_dir, device="cpu")

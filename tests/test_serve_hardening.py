@@ -132,6 +132,7 @@ def test_v1_parameters_outside_the_samplers_range_are_400_in_openai_shape(live: 
     assert reply.choices[0].finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_web_generation_options_outside_the_samplers_range_are_422(
     tiny_model_dir: Path, sqlite_url: str
 ) -> None:
@@ -156,6 +157,7 @@ def test_web_generation_options_outside_the_samplers_range_are_422(
 # --- text the store cannot hold ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nul_and_lone_surrogates_are_refused_alike_on_both_stores(db_url: str, tiny_model_dir: Path) -> None:
     with live_web_server(db_url, tiny_model_dir) as server:
         alice = server.client("alice")

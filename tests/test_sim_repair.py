@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from dialoop.sim.gold import gold_report, gold_score, is_repetitive
 from dialoop.sim.prompts import Check, Prompt, generate_prompts
 from dialoop.sim.repair import REFUSALS, repair
@@ -12,6 +14,7 @@ REPLY = (
 )
 
 
+@pytest.mark.slow
 def test_repair_makes_a_decent_reply_pass_every_generated_prompt() -> None:
     prompts = generate_prompts(2000, seed=11) + generate_prompts(500, split="eval", seed=11)
     failures = []

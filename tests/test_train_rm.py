@@ -254,6 +254,7 @@ def _heldout_prompts(rankings: list[RankingExample], fraction: float, seed: int)
     return {r.prompt[0]["content"] for r in held}
 
 
+@pytest.mark.slow
 def test_reference_demonstrations_define_reward_zero(tiny_model_dir: Path, tmp_path: Path) -> None:
     demos = [
         ChatExample(

@@ -211,6 +211,7 @@ def test_a_demonstration_with_a_streamed_suggestion_inserted_edited_and_submitte
     assert tess.api("GET", f"/api/trainer/demonstrations/{did}").json()["turns"][1]["content"] == "2 + 3 = 5."
 
 
+@pytest.mark.slow
 def test_a_suggestion_replaces_the_reply_and_stale_or_foreign_ones_are_refused(live: Live) -> None:
     tess, tom = live.client("tess"), live.client("tom")
     did = new_demo(tess)["id"]
@@ -488,6 +489,7 @@ def test_no_task_is_offered_when_no_chat_is_waiting(tiny_model_dir: Path, sqlite
 # pages and the guide
 
 
+@pytest.mark.slow
 def test_the_workspace_pages_render_with_the_guide_one_click_away(live: Live) -> None:
     tess = live.client("tess")
     did = new_demo(tess)["id"]
