@@ -9,12 +9,11 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dialoop.atomic import write_atomic
 from dialoop.evaluate.card import ModelSamples
 from dialoop.evaluate.plots import plot_gold, plot_lengths, plot_ppo_curves
 
@@ -32,18 +31,6 @@ def _json_ready(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_report(report: dict[str, Any], out_dir: Path, samples: Sequence[ModelSamples] = ()) -> Path:
@@ -73,11 +60,11 @@ def write_report(report: dict[str, Any], out_dir: Path, samples: Sequence[ModelS
             for k, replies in enumerate([s.replies, *s.extra])
             for i, r in enumerate(replies)
         ]
-        _write_atomic(out_dir / "samples.jsonl", "\n".join(lines) + "\n")
+        write_atomic(out_dir / "samples.jsonl", "\n".join(lines) + "\n")
     report["plots"] = plots
-    _write_atomic(out_dir / "report.json", json.dumps(_json_ready(report), indent=2) + "\n")
+    write_atomic(out_dir / "report.json", json.dumps(_json_ready(report), indent=2) + "\n")
     html_path = out_dir / "report.html"
-    _write_atomic(html_path, render_html(report))
+    write_atomic(html_path, render_html(report))
     return html_path
 
 

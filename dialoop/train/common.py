@@ -31,9 +31,7 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -45,6 +43,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from dialoop.atomic import write_atomic
 from dialoop.modeling import autocast_dtype, load_causal_lm, load_tokenizer, pick_device, resolve_model
 from dialoop.modeling.trunk import input_embeddings, transformer_blocks
 from dialoop.settings import settings
@@ -125,20 +124,8 @@ def prepare_run_dir(config: TrainConfig, stage: str, accelerator: Accelerator) -
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file in the same dir, fsync, rename: readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; run files are meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON atomically: readers see the old or the new file."""
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 # --- data order ----------------------------------------------------------------------------------
