@@ -56,6 +56,18 @@ class IterationKnobs:
     precision: Literal["auto", "bf16", "fp32"] = _knob(
         "auto", "auto (bf16 where the hardware has it), bf16 or fp32."
     )
+    rm_feedback: bool = _knob(
+        False,
+        "Add users' feedback to the reward model's data: each A/B choice, and each thumbed-up reply over a "
+        "thumbed-down sibling.",
+    )
+    rm_feedback_weight: float = _knob(
+        1.0,
+        "How much a feedback comparison counts against a trainer's ranking: copies of each (a fraction: "
+        "that share of them, picked by the seed).",
+        gt=0,
+        le=100,
+    )
     deploy: bool = _knob(True, "Serve the new policy when done.")
 
 

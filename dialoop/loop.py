@@ -6,8 +6,8 @@
 Stages, each only when it has something new to learn from:
 - SFT on every demonstration (submitted or accepted), from the base model, when there are new ones;
 - the reward model on ALL rankings (and the trainers' edits of model suggestions in the demonstrations,
-  each a pair: the edited turn over the suggestion), from the SFT model, when there are new rankings or
-  edits (or a new SFT);
+  each a pair: the edited turn over the suggestion; with `rm_feedback`, the users' A/B choices and thumbs,
+  each a pair too), from the SFT model, when there are new rankings, edits or feedback (or a new SFT);
 - PPO from the previous policy of the same SFT model (or from SFT), KL to SFT, against the new RM;
 - the report card of the new models (optional), then the new policy is served (optional).
 Each trained model is registered as a `ModelVersion` with its parent, and each training attempt as a
@@ -27,6 +27,7 @@ import dataclasses
 import fcntl
 import json
 import logging
+import random
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -41,12 +42,13 @@ from dialoop.atomic import write_atomic
 from dialoop.evaluate.card import EvalConfig, ModelSpec, evaluate_models
 from dialoop.evaluate.report import write_report
 from dialoop.formats import ranking_examples_from_store, snapshot_hash
-from dialoop.formats.store_io import conversation_chats, edit_records
+from dialoop.formats.store_io import ab_records, conversation_chats, edit_records, thumbs_records
 from dialoop.iteration import IterationKnobs, IterationProgress, StageOutcome, StageProgress
 from dialoop.modeling import resolve_model
 from dialoop.records import ChatExample, RankingExample
 from dialoop.settings import settings
 from dialoop.store.db import session_scope
+from dialoop.store.feedback import feedback_ids
 from dialoop.store.models import Conversation, ModelVersion, Ranking, TrainingRun
 from dialoop.store.registry import (
     ensure_base_version,
@@ -89,6 +91,10 @@ class IterationConfig:
     demonstration_statuses: tuple[str, ...] = DEMONSTRATION_STATUSES
     # the RM also learns that a trainer's edit of a model suggestion beats the suggestion
     rm_edits: bool = True
+    # the RM also learns the users' A/B choices and thumbs (an up reply over a down sibling), each pair
+    # counted `rm_feedback_weight` times (a fraction: that share of them)
+    rm_feedback: bool = False
+    rm_feedback_weight: float = 1.0
     deploy: bool = True  # serve the new policy when the iteration ends
     seed: int = 0
     progress: bool = True
@@ -124,6 +130,8 @@ class IterationConfig:
             evaluate=EvalConfig(**given(prompts=knobs.eval_prompts, max_new_tokens=knobs.max_new_tokens))
             if knobs.eval_prompts > 0
             else None,
+            rm_feedback=bool(knobs.rm_feedback),
+            **given(rm_feedback_weight=knobs.rm_feedback_weight),
             deploy=knobs.deploy,
             seed=knobs.seed,
             on_stage=on_stage,
@@ -198,23 +206,45 @@ def ranking_ids(session: Session) -> list[int]:
     return list(session.scalars(select(Ranking.id).where(Ranking.skip_reason.is_(None)).order_by(Ranking.id)))
 
 
-def rm_data(session: Session, ids: Sequence[int], edit_conversation_ids: Sequence[int] = ()) -> StageData:
+def weighted(examples: list[RankingExample], weight: float, seed: int) -> list[RankingExample]:
+    """`weight` copies of each example: whole copies, then that fraction of them picked by `seed`."""
+    copies, fraction = divmod(weight, 1)
+    extra = random.Random(seed).sample(examples, round(fraction * len(examples)))
+    return examples * int(copies) + extra
+
+
+def rm_data(
+    session: Session,
+    ids: Sequence[int],
+    edit_conversation_ids: Sequence[int] = (),
+    feedback: Sequence[int] = (),
+    feedback_weight: float = 1.0,
+    seed: int = 0,
+) -> StageData:
     """The rankings `ids` as RM examples (the formats layer builds them per task), then the edits of model
-    suggestions in the demonstrations `edit_conversation_ids`, one pair each."""
+    suggestions in the demonstrations `edit_conversation_ids`, one pair each, then the users' feedback rows
+    `feedback` as pairs (A/B choices, then thumbs), each counted `feedback_weight` times. The record counts
+    the comparisons of each source (the report card shows them)."""
     rows = session.execute(select(Ranking.id, Ranking.task_id).where(Ranking.id.in_(list(ids)))).all()
     task_ids = sorted({t for _, t in rows})
     examples: list[RankingExample] = ranking_examples_from_store(session, task_ids=task_ids)
     edits = list(edit_records(session, edit_conversation_ids))
+    ab = list(ab_records(session, feedback)) if feedback else []
+    thumbs = list(thumbs_records(session, feedback)) if feedback else []
+    from_users = weighted(ab + thumbs, feedback_weight, seed)
     record = {
         "kind": "rankings",
         "ranking_ids": sorted(ids),
         "task_ids": task_ids,
         "edit_conversation_ids": sorted(edit_conversation_ids),
         "edit_pairs": len(edits),
-        "examples": len(examples) + len(edits),
-        "snapshot_hash": snapshot_hash(examples + edits),
+        "feedback_ids": sorted(feedback),
+        "feedback_weight": feedback_weight,
+        "comparisons": {"rankings": len(examples), "edits": len(edits), "ab": len(ab), "thumbs": len(thumbs)},
+        "examples": len(examples) + len(edits) + len(from_users),
+        "snapshot_hash": snapshot_hash(examples + edits + from_users),
     }
-    return StageData(record, examples + edits)
+    return StageData(record, examples + edits + from_users)
 
 
 def prompt_conversation_ids(session: Session) -> list[int]:
@@ -535,7 +565,14 @@ def run_iteration(engine: Engine, config: IterationConfig | None = None) -> Iter
         rm = it.stage(
             "rm",
             lambda: _decide_rm(it, sft),
-            lambda s, rec: rm_data(s, rec.get("ranking_ids", []), rec.get("edit_conversation_ids", [])),
+            lambda s, rec: rm_data(
+                s,
+                rec.get("ranking_ids", []),
+                rec.get("edit_conversation_ids", []),
+                rec.get("feedback_ids", []),
+                rec.get("feedback_weight", 1.0),
+                config.seed,
+            ),
         )
         demonstrations = None  # PPO-ptx mixes the SFT loss on the demonstrations in
         if config.ppo.ptx_coef > 0:
@@ -604,17 +641,24 @@ def _decide_rm(it: _Iteration, sft: StageResult) -> StageResult | StagePlan:
         if not ids:
             return StageResult("rm", "skipped", note="no rankings yet")
         edits = demonstration_ids(session, it.config.demonstration_statuses) if it.config.rm_edits else []
+        feedback = feedback_ids(session) if it.config.rm_feedback else []
         previous = _latest_done(session, "rm", before=it.number)
         if previous is not None:
             run, version = previous
             same_init = run.config.get("loop", {}).get("init_version_id") == sft.version_id
             new_rankings = not set(ids) <= set(run.data.get("ranking_ids", []))
             new_edits = not set(edits) <= set(run.data.get("edit_conversation_ids", []))
-            if same_init and not new_rankings and not new_edits:
+            new_feedback = not set(feedback) <= set(run.data.get("feedback_ids", []))
+            if same_init and not new_rankings and not new_edits and not new_feedback:
                 return StageResult(
-                    "rm", "reused", version.id, version.path, run.id, note="no new rankings or edits"
+                    "rm",
+                    "reused",
+                    version.id,
+                    version.path,
+                    run.id,
+                    note="no new rankings, edits or feedback",
                 )
-        data = rm_data(session, ids, edits)
+        data = rm_data(session, ids, edits, feedback, it.config.rm_feedback_weight, it.config.seed)
     config = it.config_for(it.config.rm, "rm", sft.path)
     return StagePlan("rm", config, data, sft.version_id, {"init_version_id": sft.version_id})
 
@@ -679,6 +723,14 @@ def _evaluate(
         stage_seconds={k: round(v.seconds, 2) for k, v in it.stages.items()},
         rm_policy=rm_policy,
     )
+    if rm.run_id is not None:
+        with session_scope(it.engine) as session:
+            rm_run = session.get_one(TrainingRun, rm.run_id)
+            # how many comparisons the RM learned from, by source (rankings, edits, A/B choices, thumbs)
+            report["rm_comparisons"] = rm_run.data.get("comparisons") or {
+                "rankings": rm_run.data.get("examples", 0) - rm_run.data.get("edit_pairs", 0),
+                "edits": rm_run.data.get("edit_pairs", 0),
+            }
     write_report(report, it.dir / "report", samples)
     with session_scope(it.engine) as session:
         record_cards(session, report, names, rm.version_id)

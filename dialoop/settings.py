@@ -24,16 +24,23 @@ class WebSettings(BaseModel):
     secret_key: str | None = None  # signs cookies; default: a random key kept in $DIALOOP_HOME/secret_key
     trusted_proxies: str = ""  # comma-separated client IPs whose X-Forwarded-Proto is believed ("*": any)
     session_hours: float = 24 * 14  # a login lasts this long
-    login_attempts: int = 5  # failed logins per name and client address ...
-    login_window_s: float = 300.0  # ... within this window, before further tries get 429
+    login_attempts: int = 5  # failed logins per name and client (device cookie, else address) ...
+    login_window_s: float = 300.0  # ... within this window, before that pair's tries get 429
+    login_ip_attempts: int = 20  # failed logins from one address, any names, within the window (429 after)
+    login_name_attempts: int = 10  # failed logins of one name from anywhere before its tries are spaced out
+    login_max_delay_s: float = 60.0  # the longest such spacing (doubling from 1 s): never a lock-out
 
 
 class ServeSettings(BaseModel):
     """Server limits and batching knobs; env vars `DIALOOP_SERVE_<KNOB>`."""
 
-    max_queue: int = 64  # replies waiting to decode; beyond it requests get 429
-    max_batch: int = 16  # rows decoded together
-    batch_window_ms: float = 10.0  # how long the worker waits for more requests to batch together
+    max_queue: int = 64  # replies waiting for a KV-cache slot; beyond it requests get 429 with Retry-After
+    max_batch: int = 16  # KV-cache slots of each loaded model's engine: replies decoding at once
+    max_len: int = 2048  # positions per slot (prompt + reply), capped by the model's context
+    prefill_chunk: int = 256  # prompt tokens one request prefills per engine step
+    max_rows_per_owner: int = 0  # slots one user may hold at once (0: no cap; admission is fair anyway)
+    inference_url: str = ""  # an OpenAI-compatible server to generate on instead of a local model
+    inference_key: str = ""  # its API key, if it needs one
     max_loaded_models: int = 2  # model versions kept in memory at once
     default_max_tokens: int = 512  # when a request gives no max_tokens (capped by the context)
     max_tokens_limit: int = 4096  # a larger max_tokens is refused (422)
@@ -41,9 +48,18 @@ class ServeSettings(BaseModel):
     max_messages: int = 256  # messages per request (413 beyond)
     max_message_chars: int = 32_000  # characters in one message (413 beyond)
     max_stop: int = 4  # stop strings per request, as in OpenAI's API (422 beyond)
-    max_body_bytes: int = 2_000_000  # request body of /v1 calls (413 beyond)
+    max_body_bytes: int = 2_000_000  # request body of /v1 calls, bytes received (413 beyond)
+    max_web_body_bytes: int = 256_000  # request body of the web routes (pages, forms, /api JSON; 413 beyond)
+    # requests doing database work at once: the connection pool holds as many (plus as many again for
+    # work outside requests) and the thread pool has room for them all; more wait up to db_wait_s, then 503
+    db_connections: int = Field(default=20, ge=1)  # x 2 x --workers 2 stays under PostgreSQL's 100
+    db_wait_s: float = Field(default=5.0, gt=0)
     preload: bool = True  # load the served model at startup rather than on the first request
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, else fp32
+    workers: int = Field(default=1, ge=1)  # web processes (`dialoop serve --workers`)
+    drain_s: float = Field(default=30.0, ge=0)  # on SIGTERM, how long requests and streams may still run
+    log_format: Literal["text", "json"] = "text"  # json: one JSON line per log record and per request
+    metrics_public: bool = False  # /metrics without an admin API key (only behind a private network)
 
 
 class TrainerSettings(BaseModel):
@@ -78,6 +94,7 @@ class Settings(BaseSettings):
 
     home: Path = Field(default_factory=lambda: Path.home() / ".dialoop")
     database_url: str | None = None
+    redis_url: str | None = None  # DIALOOP_REDIS_URL: sessions and login throttling in Redis, not the store
     web: WebSettings = Field(default_factory=WebSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)

@@ -4,22 +4,28 @@ new policy served and listed in the chat, its report card; a failure says why; a
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from admin_data import seed_store
 from pydantic import ValidationError
+from sqlalchemy import Engine
 from webclient import WebClient, live_web_server
 
 from dialoop.iteration import IterationKnobs, IterationProgress, StageProgress
+from dialoop.serve.app import create_app, serve_in_background
 from dialoop.serve.jobs import IterationJob, IterationSettings, JobManager, cli_args, iteration_knobs
+from dialoop.serve.sessions import configure_auth
+from dialoop.settings import WebSettings
 from dialoop.store import session_scope
 from dialoop.store.db import make_engine
-from dialoop.store.models import ModelVersion, TrainingRun
+from dialoop.store.models import AdminJob, ModelVersion, TrainingRun, utcnow
 
 HTML = {"Accept": "text/html"}
 
@@ -198,7 +204,10 @@ def test_the_form_settings_are_the_iteration_knobs_with_their_bounds() -> None:
         "--eval-prompts=128",
         "--seed=0",
         "--precision=auto",
+        "--no-rm-feedback",
+        "--rm-feedback-weight=1.0",
     ]
+    assert "--rm-feedback" in cli_args(IterationKnobs(rm_feedback=True))
 
 
 def test_job_progress_comes_from_the_progress_file_not_the_log(tmp_path: Path) -> None:
@@ -231,3 +240,64 @@ def test_job_progress_comes_from_the_progress_file_not_the_log(tmp_path: Path) -
 
     job.status = "cancelled"  # the child stopped mid-stage
     assert jobs.progress(job)["stages"][1]["status"] == "cancelled"
+
+
+# --- issue #20, item 5: the admin's job history was lost on restart -------------------------------------
+
+
+@pytest.mark.e2e
+def test_a_job_running_when_the_server_stopped_is_interrupted_after_a_restart_and_resumes(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    with live_web_server(url, tiny_model_dir) as live:
+        seed_store(live.app.state.engine, tiny_model_dir)
+        root = live.client("root")
+        job_id = start(root, tiny_settings(tiny_model_dir, sft_steps="100000"))
+        follow(root, job_id, lambda p: p["iteration"] is not None or ended(p), timeout=120)
+        child = live.app.state.jobs.get(job_id).process
+    # the server stopped (its lifespan ended) while the job ran: the child was interrupted
+    assert child.wait(timeout=90) is not None
+
+    restarted = create_app(database_url=url, model=tiny_model_dir, model_name="tiny")
+    configure_auth(restarted, WebSettings(secret_key="test-signing-key"))
+    with serve_in_background(restarted) as base:
+        root = WebClient(httpx.Client(base_url=base, timeout=60))
+        assert root.login("root").status_code == 303
+        [old] = root.api("GET", "/admin/api/jobs").json()
+        assert old["id"] == job_id and old["status"] == "interrupted" and "resume it" in old["error"]
+        assert "Resume" in root.page("/admin/iterations").text
+        response = root.http.post(
+            f"/admin/jobs/{job_id}/resume", data={"csrf_token": root.csrf}, headers=HTML
+        )
+        assert response.status_code == 303, response.text
+        new_id = int(response.headers["location"].rsplit("-", 1)[1])
+        resumed = root.api("GET", f"/admin/api/jobs/{new_id}").json()
+        assert new_id != job_id and resumed["resumed_from"] == job_id
+        assert resumed["settings"]["sft_steps"] == 100000 and resumed["status"] == "running"
+        again = root.http.post(f"/admin/jobs/{job_id}/resume", data={"csrf_token": root.csrf}, headers=HTML)
+        assert again.status_code == 409  # one at a time
+        root.http.post(f"/admin/jobs/{new_id}/cancel", data={"csrf_token": root.csrf}, headers=HTML)
+        final, _ = follow(root, new_id, ended, timeout=150)
+        assert final["status"] == "cancelled"
+
+
+def test_jobs_are_shared_and_a_lost_servers_running_job_is_interrupted(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """Jobs are rows of the store: another process lists them; one whose server stopped beating (a crash)
+    shows as interrupted, while one whose server is alive stays running."""
+    with session_scope(engine) as session:
+        for heartbeat in (utcnow() - datetime.timedelta(minutes=5), utcnow()):
+            session.add(
+                AdminJob(
+                    settings={"sft_steps": 3}, started_by="root", log_path="x.log", heartbeat_at=heartbeat
+                )
+            )
+    jobs = JobManager(engine, None, home=tmp_path, work_dir=tmp_path / "runs")  # type: ignore[arg-type]
+    alive, lost = jobs.list()
+    assert (lost.status, alive.status) == ("interrupted", "running")
+    assert "resume it" in (lost.error or "") and lost.settings.sft_steps == 3
+    with session_scope(engine) as session:
+        assert session.get(AdminJob, lost.id).status == "interrupted"  # type: ignore[union-attr]
+    assert jobs.running() is not None and jobs.running().id == alive.id  # type: ignore[union-attr]

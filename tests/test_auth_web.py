@@ -1,4 +1,5 @@
-"""Web login over HTTP: cookie flags, session rotation, logout, CSRF, throttling, roles, API keys."""
+"""Web login over HTTP: cookie flags, session rotation, logout, CSRF, throttling, roles, API keys; sessions
+and throttling in the shared state (store or Redis), so that they survive a restart (issue #20, item 5)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import httpx
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import delete
 from webclient import PASSWORD, make_web_app
 
 from dialoop.serve.app import create_app
@@ -21,6 +23,7 @@ from dialoop.serve.sessions import SESSION_COOKIE, configure_auth
 from dialoop.settings import WebSettings
 from dialoop.store import User, session_scope
 from dialoop.store.accounts import get_user, set_password
+from dialoop.store.models import KnownLogin, LoginFailure, RevokedSession
 
 _META = re.compile(r'<meta name="csrf-token" content="([^"]*)">')
 HTML = {"Accept": "text/html"}
@@ -48,8 +51,22 @@ def app(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> FastA
 @pytest.fixture
 def client(app: FastAPI) -> Iterator[TestClient]:
     with_defaults = WebSettings(secret_key="test-signing-key")
-    configure_auth(app, with_defaults)  # fresh throttling and ended sessions for each test
+    configure_auth(app, with_defaults)
+    with session_scope(app.state.engine) as session:  # fresh throttling and ended sessions for each test
+        for table in (LoginFailure, KnownLogin, RevokedSession):
+            session.execute(delete(table))
     yield TestClient(app, follow_redirects=False)
+
+
+def restarted(app: FastAPI, tiny_model_dir: Path) -> FastAPI:
+    """A new server process on the same store: nothing kept in the old one's memory."""
+    again = create_app(database_url=str(app.state.engine.url), model=tiny_model_dir, model_name="tiny")
+    configure_auth(again, WebSettings(secret_key="test-signing-key"))
+    return again
+
+
+def from_address(app: FastAPI, ip: str, **kwargs: Any) -> TestClient:
+    return TestClient(app, follow_redirects=False, client=(ip, 50000), **kwargs)
 
 
 def token(response: httpx.Response) -> str:
@@ -267,3 +284,104 @@ def test_api_keys_are_created_shown_once_and_revoked_in_the_ui(client: TestClien
     assert revoked.status_code == 303 and revoked.headers["location"] == "/keys"
     assert client.get("/v1/models", headers=v1).status_code == 401
     assert "revoked" in client.get("/keys", headers=HTML).text
+
+
+# --- issue #20, item 5: state that lived in one process's memory --------------------------------------
+
+
+def test_a_logged_out_cookie_stays_invalid_after_a_restart(
+    app: FastAPI, client: TestClient, tiny_model_dir: Path
+) -> None:
+    assert login(client, "alice").status_code == 303
+    copied = client.cookies[SESSION_COOKIE]
+    csrf = token(client.get("/chat", headers=HTML))
+    assert client.post("/logout", data={"csrf_token": csrf}).status_code == 303
+    again = restarted(app, tiny_model_dir)
+    thief = TestClient(again, cookies={SESSION_COOKIE: copied})
+    assert thief.get("/api/chat/conversations").status_code == 401
+    # while a cookie that was never logged out keeps working across the restart
+    other = TestClient(app, follow_redirects=False)
+    assert login(other, "bob").status_code == 303
+    kept = TestClient(again, cookies={SESSION_COOKIE: other.cookies[SESSION_COOKIE]})
+    assert kept.get("/api/chat/conversations").status_code == 200
+
+
+def test_login_throttling_survives_a_restart(app: FastAPI, client: TestClient, tiny_model_dir: Path) -> None:
+    for _ in range(5):
+        assert login(client, "bob", "guess").status_code == 400
+    again = TestClient(restarted(app, tiny_model_dir), follow_redirects=False)
+    assert login(again, "bob", PASSWORD).status_code == 429
+
+
+def test_spraying_one_password_over_many_names_from_one_address_is_throttled(client: TestClient) -> None:
+    statuses = [login(client, f"user{i}", "Summer2026!").status_code for i in range(50)]
+    assert statuses[:20] == [400] * 20  # login_ip_attempts
+    assert set(statuses[20:]) == {429}
+    assert login(client, "alice").status_code == 429  # the address is stopped for every name ...
+    refused = login(client, "alice")
+    assert 0 < int(refused.headers["retry-after"]) <= 301  # ... until the window ends
+
+
+def test_a_neighbour_cannot_lock_out_a_user_who_logged_in_on_that_browser_before(app: FastAPI) -> None:
+    """Someone behind the user's address (same NAT) fails for the user's name: the user's browser, which
+    holds the device cookie of an earlier login, still gets in with the right password."""
+    user = from_address(app, "10.0.0.7")
+    assert login(user, "alice").status_code == 303
+    attacker = from_address(app, "10.0.0.7")
+    for _ in range(30):
+        assert login(attacker, "alice", "guess").status_code in (400, 429)
+    assert login(attacker, "alice", PASSWORD).status_code == 429  # the attacker's browser is stopped
+    user.cookies.delete(SESSION_COOKIE)
+    assert login(user, "alice").status_code == 303
+
+
+def test_guessing_one_name_from_many_addresses_slows_down_without_locking_the_user_out(app: FastAPI) -> None:
+    """A distributed guess at one name: each address stays under its limits, so the name's tries are spaced
+    out (bounded); the user logging in from an address they used before is not slowed down."""
+    home = from_address(app, "192.0.2.10")
+    assert login(home, "bob").status_code == 303
+    statuses = []
+    for i in range(12):
+        statuses.append(login(from_address(app, f"203.0.113.{i}"), "bob", "guess").status_code)
+    assert statuses[:10] == [400] * 10  # login_name_attempts
+    assert 429 in statuses[10:]
+    spaced = login(from_address(app, "203.0.113.99"), "bob", PASSWORD)
+    assert spaced.status_code == 429 and int(spaced.headers["retry-after"]) <= 61  # login_max_delay_s
+    fresh_browser_at_home = from_address(app, "192.0.2.10")  # no device cookie, but a known address
+    assert login(fresh_browser_at_home, "bob").status_code == 303
+
+
+def test_a_forged_device_cookie_is_ignored(app: FastAPI) -> None:
+    attacker = from_address(app, "198.51.100.1", cookies={"dialoop_device": "eyJ4Ijox.forged"})
+    for _ in range(5):
+        assert login(attacker, "tess", "guess").status_code == 400
+    assert login(attacker, "tess", PASSWORD).status_code == 429
+
+
+def test_with_redis_a_logout_is_honoured_by_another_process(app: FastAPI, tiny_model_dir: Path) -> None:
+    import redis
+
+    url = "redis://127.0.0.1:6379/14"
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).flushdb()
+    except redis.RedisError:
+        pytest.skip("no Redis answers at 127.0.0.1:6379")
+    configure_auth(app, WebSettings(secret_key="test-signing-key"), redis_url=url)
+    other = restarted(app, tiny_model_dir)
+    configure_auth(other, WebSettings(secret_key="test-signing-key"), redis_url=url)
+    with session_scope(app.state.engine) as session:
+        in_the_store = session.query(RevokedSession).count()
+    try:
+        one = TestClient(app, follow_redirects=False)
+        assert login(one, "alice").status_code == 303
+        copied = one.cookies[SESSION_COOKIE]
+        csrf = token(one.get("/chat", headers=HTML))
+        assert one.post("/logout", data={"csrf_token": csrf}).status_code == 303
+        assert (
+            TestClient(other, cookies={SESSION_COOKIE: copied}).get("/api/chat/conversations").status_code
+            == 401
+        )
+        with session_scope(app.state.engine) as session:
+            assert session.query(RevokedSession).count() == in_the_store  # kept in Redis, not in the store
+    finally:
+        redis.Redis.from_url(url).flushdb()

@@ -63,6 +63,28 @@ def test_a_malformed_seventh_line_names_it_exits_2_and_changes_nothing(store: st
     assert stats() == before
 
 
+def test_parquet_and_saved_datasets_import_with_the_format_told_from_their_columns(
+    store: str, tmp_path: Path
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    demos = [json.loads(line) for line in (DATA / "messages.jsonl").read_text().splitlines() if line.strip()]
+    pq.write_table(pa.Table.from_pylist(demos), tmp_path / "demos.parquet")
+    result = dialoop("import", "--kind", "demonstration", tmp_path / "demos.parquet")
+    assert result.exit_code == 0, result.output
+    assert f"imported {len(demos)} of {len(demos)} messages records" in result.stdout
+    plain = [{"prompt": f"Say {w}.", "chosen": w, "rejected": "No."} for w in ("amber", "teal")]
+    Dataset.from_list(plain).save_to_disk(str(tmp_path / "prefs"))
+    result = dialoop("import", tmp_path / "prefs")
+    assert result.exit_code == 0, result.output
+    assert "imported 2 of 2 pairs records" in result.stdout and "2 rankings" in result.stdout
+    pq.write_table(pa.Table.from_pylist([{"question": "Q?"}]), tmp_path / "qa.parquet")
+    result = dialoop("import", tmp_path / "qa.parquet")
+    assert result.exit_code == 2 and "cannot tell its format from its columns (question)" in result.stderr
+
+
 def test_source_name_and_kind(store: str) -> None:
     args = ("import", "--format", "messages", "--kind", "demonstration", "--source-name", "seed-demos")
     assert dialoop(*args, DATA / "messages.jsonl").exit_code == 0

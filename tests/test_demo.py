@@ -30,6 +30,7 @@ CARD_FIELDS = {
     "gold_mean",
     "gold_stderr",
     "gold_by_kind",
+    "checks",
     "instructions_followed",
     "win_rate_vs_sft",
     "eos_rate",
@@ -78,11 +79,15 @@ def test_report_has_every_field(demo: tuple[Path, str]) -> None:
     assert {x["model"] for x in lines if x["sample"] == 3} == {"policy-2", "policy-3"}
     assert [(p["iteration"], p["step"]) for p in report["ppo"]] == [(2, [1, 2]), (3, [1, 2])]
     assert set(report["targets"]) == {
-        "gold_policy_gt_sft",
-        "gold_sft_gt_base",
-        "win_rate_vs_sft_ge_60",
-        "rm_accuracy_ge_70",
+        "win_rate_vs_sft",
+        "rm_accuracy",
+        "rm_accuracy_both_end",
+        "gold_policy_minus_sft",
+        "gold_sft_minus_base",
+        "worst_check_gain",
+        "checks_gaining_20_points",
     }
+    assert all(set(t) == {"value", "threshold", "pass"} for t in report["targets"].values())
     stages = set(report["stage_seconds"])
     for r in (1, 2):
         assert {f"round {r}: chats", f"round {r}: comparison tasks", f"round {r}: rankings"} <= stages

@@ -199,13 +199,29 @@ def test_stop_token_ids_and_eos_end_the_reply_without_text(model: PreTrainedMode
 
 
 @pytest.mark.slow
-def test_a_thousand_mixed_requests_with_cancels_leak_no_slot_or_queue_entry(model: PreTrainedModel) -> None:
-    engine = _engine(model, max_rows=8, prefill_chunk=4, max_queue=1000, max_rows_per_owner=5)
+def test_a_thousand_mixed_requests_with_cancels_leak_no_slot_or_queue_entry(
+    model: PreTrainedModel, tokenizer: object
+) -> None:
+    """Cancels (waiting and running), EOS, stop strings, max_tokens, shared prefixes and lengths mixed."""
+    engine = Engine(
+        model,
+        eos_token_ids=[EOS],
+        config=EngineConfig(max_rows=8, prefill_chunk=4, max_queue=1000, max_rows_per_owner=5),
+        decode=tokenizer.decode,  # type: ignore[attr-defined]
+    )
     rng = random.Random(0)
+    system = [1, *range(500, 512)]  # a 13-token prefix that many prompts share
     handles = []
     for i in range(1000):
-        prompt = [1, *(rng.randrange(3, 49152) for _ in range(rng.randrange(1, 10)))]
-        params = SamplingParams(max_tokens=rng.randrange(1, 4), temperature=rng.choice([0, 1.0]), seed=i)
+        tail = [rng.randrange(3, 49152) for _ in range(rng.randrange(1, 10))]
+        prompt = [*system, *tail] if rng.random() < 0.5 else [1, *tail]
+        params = SamplingParams(
+            max_tokens=rng.randrange(1, 6),
+            temperature=rng.choice([0, 1.0]),
+            seed=i,
+            stop=tuple(rng.sample("aeiou ", 2)) if rng.random() < 0.3 else (),
+            stop_token_ids=(rng.randrange(3, 49152),) if rng.random() < 0.1 else (),
+        )
         handles.append(engine.submit(prompt, params, owner=f"user{i % 7}"))
         if rng.random() < 0.2:
             rng.choice(handles).cancel()
@@ -214,10 +230,62 @@ def test_a_thousand_mixed_requests_with_cancels_leak_no_slot_or_queue_entry(mode
     size = engine.runner.cache.nbytes()
     _run(engine)
     reasons = [h.result(timeout=0).finish_reason for h in handles]
-    assert set(reasons) <= {"length", "cancelled"} and "cancelled" in reasons and "length" in reasons
+    assert set(reasons) == {"length", "cancelled", "stop"}
     assert engine.slots.free == 8 and not engine.running and engine.scheduler.waiting == 0
     assert engine._requests == {} and engine.scheduler.running_owners == 0
+    assert engine.prefix_copies > 0, "prompts sharing the system prefix should have copied it"
     assert engine.runner.cache.nbytes() == size, "the KV cache never grows"
+
+
+def test_n_replies_to_one_prompt_prefill_it_once_and_equal_their_replies_alone(
+    model: PreTrainedModel,
+) -> None:
+    """Followers copy the prompt's keys and values from the request that computed them, then prefill only
+    the last token; each seeded reply is still the one it gets alone."""
+    engine = _engine(model, max_rows=4)
+    params = [SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=s) for s in range(4)]
+    got = engine.generate([PROMPTS[2]] * 4, params)
+    assert engine.prefill_tokens == len(PROMPTS[2]) + 3
+    for c, p in zip(got, params, strict=True):
+        assert c.token_ids == _alone(model, PROMPTS[2], p)
+    assert len({tuple(c.token_ids) for c in got}) > 1
+
+
+def test_a_shared_system_prefix_is_prefilled_once_even_across_chunks_and_steps(
+    model: PreTrainedModel,
+) -> None:
+    """Prompts with a common 30-token start and their own tails: the later ones wait for the prefix (it takes
+    several chunks), copy it, and prefill their tails; a request arriving later copies from a running one."""
+    system = [1, *range(600, 629)]
+    prompts = [[*system, 7, 8, 9], [*system, 11], [*system, 12, 13, 14, 15, 16]]
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    engine = _engine(model, max_rows=4, prefill_chunk=8)
+    handles = [engine.submit(p, greedy) for p in prompts]
+    engine.step()
+    late = engine.submit([*system, 40, 41], SamplingParams(max_tokens=8, temperature=0.8, seed=9))
+    _run(engine)
+    assert engine.prefill_tokens == len(prompts[0]) + 1 + 5 + 2
+    for h, p in zip(handles, prompts, strict=True):
+        assert h.result().token_ids == _alone(model, p, greedy)
+    assert late.result().token_ids == _alone(
+        model, [*system, 40, 41], SamplingParams(max_tokens=8, temperature=0.8, seed=9)
+    )
+
+
+def test_a_follower_whose_source_is_cancelled_before_the_prefix_is_ready_prefills_alone(
+    model: PreTrainedModel,
+) -> None:
+    system = [1, *range(700, 730)]
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    engine = _engine(model, max_rows=2, prefill_chunk=4)
+    source = engine.submit([*system, 5], greedy)
+    follower = engine.submit([*system, 6, 7], greedy)
+    engine.step()  # both admitted: the source prefilled 4 of 31 tokens, the follower waits
+    source.cancel()
+    _run(engine)
+    assert source.result().finish_reason == "cancelled"
+    assert follower.result().token_ids == _alone(model, [*system, 6, 7], greedy)
+    assert engine.prefix_copies == 0 and engine.slots.free == 2
 
 
 def test_cancel_frees_a_running_slot_at_the_next_step_and_drops_a_waiting_request(
@@ -386,3 +454,39 @@ def test_a_policy_in_train_mode_is_sampled_in_eval_mode_and_left_in_train_mode(
     finally:
         model.eval()
         hook.remove()
+
+
+def test_eager_sdpa_and_ppo_fp32_sdpa_attention_all_run_on_the_slot_cache(tiny_model_dir: Path) -> None:
+    """Eager attention gets an additive mask, SDPA kinds a boolean one: PPO's bf16 sampler with fp32 SDPA
+    (queries fp32, weights bf16) samples too."""
+    from dialoop.train.ppo_attention import use_fp32_attention
+
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    replies = {}
+    for impl in ("sdpa", "eager"):
+        m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=impl).eval()
+        replies[impl] = _engine(m, max_rows=3).generate(PROMPTS, greedy)
+    assert [c.token_ids for c in replies["sdpa"]] == [c.token_ids for c in replies["eager"]]
+    bf16 = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    use_fp32_attention(bf16)
+    got = _engine(bf16, max_rows=3).generate(PROMPTS, greedy)
+    assert all(len(c.token_ids) == 6 or c.finish_reason == "stop" for c in got)
+
+
+def test_generate_replies_keeps_order_decodes_and_repeats_with_the_same_seeds(
+    model: PreTrainedModel, tokenizer: object
+) -> None:
+    """Chat on the engine: replies in the conversations' order, each the one it gets alone, the same again
+    for the same seeds; K candidates for one context share its prefill."""
+    from dialoop.engine.chat import generate_replies
+    from dialoop.modeling.chat import encode_prompt
+
+    context = [{"role": "user", "content": "Tell me a long story about a dragon and a knight."}]
+    convs = [context, [{"role": "user", "content": "Hi"}], context, context]
+    params = [SamplingParams(max_tokens=5, seed=i) for i in range(4)]
+    replies = generate_replies(model, tokenizer, convs, params, batch_size=2)  # type: ignore[arg-type]
+    assert generate_replies(model, tokenizer, convs, params, batch_size=3) == replies  # type: ignore[arg-type]
+    for conv, p, r in zip(convs, params, replies, strict=True):
+        alone = _alone(model, encode_prompt(tokenizer, conv), p)  # type: ignore[arg-type]
+        assert r.token_ids == alone and not r.finished
+        assert r.text == tokenizer.decode(alone, skip_special_tokens=True)  # type: ignore[attr-defined]

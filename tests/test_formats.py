@@ -48,7 +48,7 @@ A = {"role": "assistant", "content": "a"}
         ("pairs", json.dumps({"prompt": [U], "chosen": [U], "rejected": [A]}), "must be 'assistant'"),
         (
             "pairs",
-            json.dumps({"prompt": "q", "chosen": [A], "rejected": [A]}),
+            json.dumps({"prompt": 3, "chosen": [A], "rejected": [A]}),  # a string is TRL's plain text
             "prompt must be a non-empty list",
         ),
         ("pairs", json.dumps({"prompt": [U], "chosen": [A]}), "missing key 'rejected'"),

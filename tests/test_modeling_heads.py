@@ -109,3 +109,19 @@ def test_load_reward_model_rejects_a_causal_lm_dir_and_empty_rows(
     mask[1] = 0
     with pytest.raises(ValueError, match="no real tokens"):
         last_token_scores(reward_model, ids, mask)
+
+
+def test_an_architecture_without_a_sequence_classifier_is_refused_clearly(tmp_path: Path) -> None:
+    from transformers import CodeGenConfig, CodeGenForCausalLM
+
+    from dialoop.modeling.loading import ModelLoadError
+    from dialoop.modeling.tiny import make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    config = CodeGenConfig(
+        vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, rotary_dim=8, n_positions=64
+    )
+    CodeGenForCausalLM(config).save_pretrained(tmp_path / "codegen")
+    tokenizer.save_pretrained(tmp_path / "codegen")
+    with pytest.raises(ModelLoadError, match="no sequence-classification model for this architecture"):
+        reward_model_from_lm(tmp_path / "codegen", device="cpu")

@@ -75,6 +75,8 @@ def test_ensure_special_tokens_adds_a_pad_when_the_vocab_has_none() -> None:
     backend = Tokenizer(WordLevel(vocab, unk_token="hello"))
     backend.pre_tokenizer = Whitespace()  # type: ignore[assignment]
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="</s>")
+    # a template whose turns end with the tokenizer's own EOS (Mistral's style)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] + '</s>' }}{% endfor %}"
     model = GPT2LMHeadModel(GPT2Config(vocab_size=3, n_positions=16, n_embd=8, n_layer=1, n_head=1))
     ensure_special_tokens(model, tokenizer)
     assert tokenizer.eos_token_id == 2 and tokenizer.pad_token_id == 3

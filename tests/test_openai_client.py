@@ -69,8 +69,7 @@ def live_server(database_url: str, model: Path, **settings: Any) -> Iterator[Liv
 @pytest.fixture(scope="module")
 def live(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     db = tmp_path_factory.mktemp("openai-client") / "store.db"
-    # a long batching window, so that concurrent test requests reliably land in one batch
-    with live_server(f"sqlite:///{db}", tiny_model_dir, batch_window_ms=100) as server:
+    with live_server(f"sqlite:///{db}", tiny_model_dir) as server:
         yield server
 
 
@@ -210,21 +209,21 @@ def test_models_lists_the_base_model_and_policy_versions(live: Live, tmp_path: P
         client.models.retrieve("rm-1")
 
 
-def test_concurrent_requests_are_decoded_in_one_batch(live: Live) -> None:
+def test_concurrent_requests_decode_together(live: Live) -> None:
     async def four_at_once() -> list[Any]:
         client = live.async_client()
         return await asyncio.gather(
             *(
-                client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, seed=i)
+                client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=60, seed=i)
                 for i in range(4)
             )
         )
 
     batches_before = live.worker.stats.batches
     replies = asyncio.run(four_at_once())
-    assert [r.usage.completion_tokens for r in replies] == [8, 8, 8, 8]
-    new_batches = list(live.worker.stats.batch_sizes)[batches_before:]
-    assert new_batches == [4]
+    assert [r.usage.completion_tokens for r in replies] == [60] * 4
+    # continuous batching: each joins the running batch at the next engine step
+    assert max(list(live.worker.stats.batch_sizes)[batches_before:]) >= 2
 
 
 @pytest.mark.slow
@@ -300,3 +299,144 @@ def test_switching_the_served_model_keeps_in_flight_requests(
         with session_scope(server.app.state.engine) as session:
             version = served_model(session)
             assert version is not None and version.name == "v2"
+
+
+# --- logprobs, the engine's sampling parameters, refusals, /v1/completions --------------------------------
+
+
+def test_chat_logprobs_come_in_openai_shape_streamed_or_not(live: Live) -> None:
+    client = live.client()
+    reply = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3
+    )
+    choice = reply.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    content = choice.logprobs.content
+    assert len(content) == reply.usage.completion_tokens == 8  # type: ignore[union-attr]
+    assert "".join(t.token for t in content) == choice.message.content
+    for t in content:
+        assert t.logprob <= 0 and t.bytes == list(t.token.encode("utf-8"))
+        assert len(t.top_logprobs) == 3
+        lps = [a.logprob for a in t.top_logprobs]
+        assert lps == sorted(lps, reverse=True)
+        # greedy: the chosen token is the most likely one
+        assert t.top_logprobs[0].token == t.token and abs(t.top_logprobs[0].logprob - t.logprob) < 1e-6
+
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True, stream=True
+        )
+    )
+    streamed = [
+        t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content or []
+    ]
+    assert [(t.token, round(t.logprob, 5)) for t in streamed] == [
+        (t.token, round(t.logprob, 5)) for t in content
+    ]
+    assert all(t.top_logprobs == [] for t in streamed)
+
+    plain = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+def test_vllm_sampling_extras_and_penalties_are_honoured(live: Live) -> None:
+    client = live.client()
+
+    def reply(**extra: Any) -> str:
+        r = client.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            max_tokens=20,
+            temperature=0,
+            extra_body=extra.pop("body", None),
+            **extra,
+        )
+        return r.choices[0].message.content or ""
+
+    greedy = reply()
+    assert reply(body={"top_k": 1}) == greedy == reply(body={"min_p": 0.0})
+    assert reply(frequency_penalty=2.0) != greedy or reply(body={"repetition_penalty": 5.0}) != greedy
+    assert reply(presence_penalty=0.0) == greedy
+    with pytest.raises(openai.BadRequestError) as err:
+        reply(body={"min_p": 1.5})
+    assert err.value.body["param"] == "min_p"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+        ({"reasoning_effort": "low"}, "reasoning_effort"),
+        ({"made_up_knob": 1}, "made_up_knob"),
+    ],
+)
+def test_unimplemented_parameters_are_refused_with_400_naming_them(
+    live: Live, extra: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        live.client().chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, extra_body=extra)
+    body = err.value.body
+    assert isinstance(body, dict) and body["param"] == param and body["code"] == "unsupported_parameter"
+    assert param in body["message"]
+
+
+def test_no_op_forms_of_unimplemented_parameters_are_accepted(live: Live) -> None:
+    reply = live.client().chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=2,
+        response_format={"type": "text"},
+        tools=[],
+        user="someone",
+        metadata={"a": "b"},
+    )
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_completions_complete_prompt_strings(live: Live) -> None:
+    client = live.client()
+    one = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0)
+    assert one.object == "text_completion" and one.id.startswith("cmpl-") and one.model == "tiny"
+    assert len(one.choices) == 1 and one.choices[0].finish_reason == "length" and one.choices[0].text
+    assert one.usage is not None and one.usage.completion_tokens == 6
+    default = client.completions.create(model="tiny", prompt="Once upon a time", temperature=0)
+    assert default.usage is not None and default.usage.completion_tokens == 16  # OpenAI's default
+
+    many = client.completions.create(
+        model="tiny", prompt=["Once upon a time", "The sky is"], max_tokens=6, temperature=0, n=2, logprobs=2
+    )
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    assert many.choices[0].text == many.choices[1].text == one.choices[0].text  # greedy: n copies
+    lp = many.choices[0].logprobs
+    assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None
+    assert "".join(lp.tokens) == many.choices[0].text and len(lp.token_logprobs) == 6
+    assert lp.top_logprobs is not None and all(len(t) <= 2 for t in lp.top_logprobs)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+
+    texts: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    for chunk in client.completions.create(
+        model="tiny", prompt=["Once upon a time", "The sky is"], max_tokens=6, temperature=0, stream=True
+    ):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+    assert texts[0] == one.choices[0].text and texts[1] == many.choices[2].text
+    assert finishes == {0: "length", 1: "length"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [({"echo": True}, "echo"), ({"suffix": "end"}, "suffix"), ({"best_of": 3}, "best_of")],
+)
+def test_completions_refuse_what_they_do_not_implement(live: Live, extra: dict[str, Any], param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        live.client().completions.create(model="tiny", prompt="Hi", max_tokens=2, extra_body=extra)
+    assert isinstance(err.value.body, dict) and err.value.body["param"] == param

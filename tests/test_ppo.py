@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from dialoop.cli.data_sources import load_prompts, read_prompt_lines
-from dialoop.modeling import generation, scoring
-from dialoop.modeling.chat import encode_prompt
-from dialoop.modeling.generation import Completion
+from dialoop.engine import Engine, EngineConfig, SamplingParams
+from dialoop.modeling import scoring
+from dialoop.modeling.chat import encode_prompt, eos_token_ids
 from dialoop.modeling.heads import (
     last_token_scores,
     load_reward_model,
@@ -86,12 +87,49 @@ def make_run(cfg: PPOConfig, reward_fn: object = count_targets) -> PPORun:
     return PPORun(cfg, strategy, models, tokenizer, encode_prompts(tokenizer, PROMPTS, 500))
 
 
+@dataclass
+class Sampled:
+    """A reply as scoring sees it (`scoring.SampledReply`)."""
+
+    token_ids: list[int]
+    finished: bool
+
+
+def test_rollout_engine_logprobs_match_a_full_forward_and_follow_in_place_updates(
+    tiny_model_dir: Path,
+) -> None:
+    """The engine samples from the policy module itself: its logprobs are the policy's (fp32, within 1e-4 of
+    the learner's forward over prompt + reply), and an in-place weight update is what the next rollout
+    samples from, with no copy and no rebuild."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    policy = load_causal_lm(tiny_model_dir, device="cpu", dtype=torch.float32)
+    policy.train()  # as PPO leaves it between rollouts
+    prompts = [encode_prompt(tokenizer, p) for p in PROMPTS[:3]]
+    eos = eos_token_ids(policy, tokenizer)
+    engine = Engine(policy, eos_token_ids=eos, config=EngineConfig(max_rows=3, max_len=256))
+    params = [SamplingParams(max_tokens=12, temperature=1.0, seed=s, logprobs=True) for s in range(3)]
+    got = engine.generate(prompts, params)
+    exp = scoring.pack_rollouts(prompts, got, tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        full = scoring.response_logprobs(policy.eval(), exp, temperature=1.0)
+    for b, c in enumerate(got):
+        ours = torch.tensor([lp.logprob for lp in c.logprobs])
+        torch.testing.assert_close(ours, full[b, : len(c.token_ids)].float(), atol=1e-4, rtol=0)
+
+    with torch.no_grad():  # an optimizer step, as far as the engine can tell: weights change in place
+        policy.lm_head.weight.mul_(3.0)
+    after = engine.generate(prompts, params)
+    fresh = Engine(policy, eos_token_ids=eos, config=EngineConfig(max_rows=3, max_len=256))
+    assert [c.token_ids for c in after] == [c.token_ids for c in fresh.generate(prompts, params)]
+    assert [c.token_ids for c in after] != [c.token_ids for c in got]
+
+
 @pytest.mark.slow
 def test_scoring_matches_full_forward_passes(tiny_model_dir: Path, tiny_rm_dir: Path) -> None:
     tokenizer = load_tokenizer(tiny_model_dir)
     policy = load_causal_lm(tiny_model_dir, device="cpu")
     prompts = [encode_prompt(tokenizer, p) for p in PROMPTS[:3]]
-    replies = [Completion([5, 6, 7, 2], True), Completion([9], False), Completion([11, 12, 2], True)]
+    replies = [Sampled([5, 6, 7, 2], True), Sampled([9], False), Sampled([11, 12, 2], True)]
     exp = scoring.pack_rollouts(prompts, replies, tokenizer.pad_token_id, torch.device("cpu"))
     assert scoring.shared_prefix_len(exp) >= 8  # the template's system prompt runs once for all rows
 
@@ -120,7 +158,7 @@ def test_shared_prefix_gives_the_gradients_of_full_passes(
     tokenizer = load_tokenizer(tiny_model_dir)
     policy = load_causal_lm(tiny_model_dir, device="cpu", dtype=torch.float64)
     prompts = [encode_prompt(tokenizer, p) for p in PROMPTS[:3]]
-    replies = [Completion([5, 6, 2], True), Completion([9, 3], False), Completion([11], False)]
+    replies = [Sampled([5, 6, 2], True), Sampled([9, 3], False), Sampled([11], False)]
     exp = scoring.pack_rollouts(prompts, replies, tokenizer.pad_token_id, torch.device("cpu"))
 
     def grads() -> list[torch.Tensor]:
@@ -129,7 +167,7 @@ def test_shared_prefix_gives_the_gradients_of_full_passes(
         return [p.grad.clone() for p in policy.parameters() if p.grad is not None]
 
     shared = grads()
-    monkeypatch.setattr(generation, "MIN_SHARED_PREFIX", 10**6)
+    monkeypatch.setattr(scoring, "MIN_SHARED_PREFIX", 10**6)
     assert scoring.shared_prefix_len(exp) == 0
     for a, b in zip(shared, grads(), strict=True):
         assert float((a - b).norm()) <= 1e-6 * float(b.norm())

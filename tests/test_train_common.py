@@ -51,8 +51,8 @@ def test_lr_schedule_warms_up_linearly_then_decays_as_a_cosine_without_a_zero_st
 def test_config_validation_names_the_bad_knob() -> None:
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp8")
-    with pytest.raises(ValueError, match="--format"):
-        TrainConfig(data=Path("x.jsonl"))
+    with pytest.raises(ValueError, match="report_to"):
+        TrainConfig(report_to="tensorboard,slack")
     with pytest.raises(ValueError, match="batch_size"):
         SFTConfig(batch_size=0)
 

@@ -191,7 +191,7 @@ def test_a_demonstration_with_a_streamed_suggestion_inserted_edited_and_submitte
         version = session.scalars(select(ModelVersion).where(ModelVersion.name == VERSION)).one()
         assert row.content == edited and origin["text"] == suggestions[1]["text"]
         assert origin["model_version_id"] == version.id and origin["sampling"]["temperature"] == 0.9
-        assert origin["sampling"]["seed"] == 8 and origin["sampling"]["max_new_tokens"] == 6
+        assert origin["sampling"]["seed"] == 8 and origin["sampling"]["max_tokens"] == 6
 
     submitted = tess.api("POST", f"/api/trainer/demonstrations/{did}/submit")
     assert submitted.status_code == 200 and submitted.json()["status"] == "submitted"

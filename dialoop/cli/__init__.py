@@ -8,6 +8,7 @@ from dialoop.cli import (
     admin,  # noqa: F401
     bench,  # noqa: F401
     data,  # noqa: F401
+    export,  # noqa: F401
     iterate,  # noqa: F401
     serve,  # noqa: F401
     train,  # noqa: F401

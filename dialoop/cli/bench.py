@@ -64,6 +64,63 @@ def bench_serve_command(
     )
 
 
+@bench_app.command("web")
+def bench_web_command(
+    users: int = typer.Option(500, "--users", min=1, help="Simulated people (every other one a trainer)."),
+    duration: float = typer.Option(60.0, "--duration", min=1, help="Seconds of load after all have started."),
+    workers: int = typer.Option(
+        2, "--workers", min=1, help="Web processes of the server (`serve --workers`)."
+    ),
+    database_url: str | None = typer.Option(
+        None,
+        "--database-url",
+        help="Store to run on (default: a new database on --postgres, dropped afterwards).",
+        show_default=False,
+    ),
+    postgres: str = typer.Option(
+        "postgresql://postgres@127.0.0.1:5432/postgres",
+        "--postgres",
+        help="PostgreSQL server for the new database.",
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="HF model directory (default: a tiny random model).", show_default=False
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+) -> None:
+    """Simulated trainers and users (log in, pages, chat, rank, demonstrations) against `dialoop serve
+    --workers N`: errors other than 429, p50/p95 latency per route, writes acknowledged vs found."""
+    from dialoop.bench.web import bench_web
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        result = bench_web(
+            users=users,
+            duration_s=duration,
+            workers=workers,
+            database_url=database_url,
+            postgres_url=postgres,
+            model=model,
+        )
+    except (ValueError, RuntimeError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    table = Table(title=f"dialoop bench web ({users} people, {workers} workers, {result['store']})")
+    for column in ("route", "requests", "p50 ms", "p95 ms", "statuses"):
+        table.add_column(column, justify="right" if column != "route" else "left")
+    for route, row in result["routes"].items():
+        table.add_row(
+            route, str(row["requests"]), f"{row['p50_ms']:.0f}", f"{row['p95_ms']:.0f}", str(row["statuses"])
+        )
+    console.print(table)
+    console.print(
+        f"errors other than 429: {result['errors_other_than_429']}; writes acknowledged "
+        f"{result['writes_acknowledged']}, found {result['writes_found']}"
+    )
+
+
 @bench_app.command("ppo")
 def bench_ppo_command(
     model: str | None = typer.Option(

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from dialoop.cli._app import app
 from dialoop.formats import FORMATS, SOURCES, FormatError, export_file, import_file
+from dialoop.formats.sources import detect_format
 from dialoop.settings import settings
 from dialoop.store import session_scope
 from dialoop.store.migrate import open_store
@@ -53,8 +54,18 @@ def _check_choice(what: str, value: str, choices: tuple[str, ...] | list[str]) -
 
 @app.command("import")
 def import_(
-    file: Path = typer.Argument(..., help="A JSONL file, or .jsonl.gz.", show_default=False),
-    fmt: str = typer.Option(..., "--format", "-f", help=f"One of: {', '.join(FORMATS)}.", show_default=False),
+    file: Path = typer.Argument(
+        ...,
+        help="A JSONL file (or .jsonl.gz), a Parquet file, or a dataset saved with save_to_disk.",
+        show_default=False,
+    ),
+    fmt: str | None = typer.Option(
+        None,
+        "--format",
+        "-f",
+        help=f"One of: {', '.join(FORMATS)} (default: told from the columns).",
+        show_default=False,
+    ),
     source_name: str | None = typer.Option(
         None,
         "--source-name",
@@ -68,6 +79,11 @@ def import_(
     ),
 ) -> None:
     """Import a file into the store, all or nothing; records already there are skipped."""
+    if fmt is None:
+        try:
+            fmt = detect_format(file)
+        except FormatError as exc:
+            raise _fail(str(exc)) from exc
     _check_choice("format", fmt, list(FORMATS))
     _check_choice("kind", kind, CONVERSATION_KINDS)
     try:

@@ -19,6 +19,7 @@ from dialoop.formats import (
     read_ranking_examples,
 )
 from dialoop.formats.registry import RankingFormat
+from dialoop.formats.sources import detect_format
 from dialoop.records import ChatExample, ChatMessage, RankingExample
 from dialoop.settings import settings
 from dialoop.store.db import session_scope
@@ -40,17 +41,19 @@ def _from_store(builder: Callable[[Session], T]) -> T:
 
 
 def load_chat_examples(data: Path | None, format_name: str | None) -> list[ChatExample]:
-    """Demonstrations: from `data` in `format_name` (default `messages`), or from the store (`data` None)."""
+    """Demonstrations: from the source `data` (a file, a saved dataset, a hub id) in `format_name` (None:
+    told from its columns), or from the store when `data` is None."""
     if data is None:
         return _from_store(chat_examples_from_store)
-    return read_chat_examples(data, format_name or "messages")
+    return read_chat_examples(data, format_name)
 
 
 def load_ranking_examples(data: Path | None, format_name: str | None) -> list[RankingExample]:
-    """Rankings: from `data` in `format_name` (default `rankings`), or from the store when `data` is None."""
+    """Rankings: from the source `data` in `format_name` (None: told from its columns), or from the store
+    when `data` is None."""
     if data is None:
         return _from_store(ranking_examples_from_store)
-    return read_ranking_examples(data, format_name or "rankings")
+    return read_ranking_examples(data, format_name)
 
 
 def read_prompt_lines(path: Path) -> list[list[ChatMessage]]:
@@ -73,11 +76,11 @@ def load_prompts(config: PPOConfig) -> list[list[ChatMessage]]:
     if config.prompts is not None:
         return read_prompt_lines(config.prompts)
     if config.data is not None:
-        assert config.format is not None  # checked by TrainConfig
-        if isinstance(get_format(config.format), RankingFormat):
-            chats = [e.prompt for e in read_ranking_examples(config.data, config.format)]
+        format_name = config.format or detect_format(config.data)
+        if isinstance(get_format(format_name), RankingFormat):
+            chats = [e.prompt for e in read_ranking_examples(config.data, format_name)]
         else:
-            chats = [e.messages for e in read_chat_examples(config.data, config.format)]
+            chats = [e.messages for e in read_chat_examples(config.data, format_name)]
         where = str(config.data)
     else:
         chats, where = _from_store(_store_chats), "the store"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -72,28 +73,61 @@ def _print_card(report: dict[str, Any]) -> None:
                 f"  on {rm['final_model']}'s replies: {_fmt(rm['accuracy_final_model'], True)}"
                 f" on {rm['pairs_final_model']} pairs"
             )
-    for name, met in (report.get("targets") or {}).items():
-        console.print(f"  {'[green]met[/green]' if met else '[red]not met[/red]'}  {name}")
+    comparisons = report.get("rm_comparisons")
+    if comparisons:
+        console.print(
+            "reward model's comparisons: " + ", ".join(f"{n} {source}" for source, n in comparisons.items())
+        )
+    for name, target in (report.get("targets") or {}).items():
+        met = "[green]met[/green]" if target["pass"] else "[red]not met[/red]"
+        console.print(f"  {met}  {name}: {_fmt(target['value'])} (target {target['threshold']})")
 
 
-@app.command("demo")
-def demo(
-    out: Path | None = typer.Option(
-        None, "--out", help="Directory for the store, models and report (default: DIALOOP_HOME/demos/<time>)."
-    ),
-    quick: bool = typer.Option(
-        False, "--quick", help="A tiny model and tiny budgets: every stage in seconds."
-    ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the simulated trainers, prompts and training."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what each stage does."),
-) -> None:
-    """Run the whole loop with simulated trainers: demonstrations, SFT, chats, rankings, RM, PPO, twice."""
+@dataclass
+class DemoOptions:
+    """The options of `dialoop demo` (also read from `--config FILE.yaml`; the demo saves the resolved ones in
+    its directory as `demo_config.yaml`). A budget left unset keeps the demo's own (`demo_config`)."""
+
+    out: Path | None = field(
+        default=None,
+        metadata={"help": "Directory for the store, models and report (default: DIALOOP_HOME/demos/<time>)."},
+    )
+    quick: bool = field(
+        default=False, metadata={"help": "A tiny model and tiny budgets: every stage in seconds."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the simulated trainers, prompts and training."})
+    trainers: int | None = field(default=None, metadata={"help": "Simulated trainers."})
+    demonstrations: int | None = field(default=None, metadata={"help": "Demonstrations written for SFT."})
+    chats_per_round: int | None = field(
+        default=None, metadata={"help": "Chats per round, one comparison task each."}
+    )
+    rounds: int | None = field(default=None, metadata={"help": "RM + PPO iterations after SFT."})
+    verbose: bool = field(
+        default=False, metadata={"help": "Log what each stage does.", "short_flags": ["-v"]}
+    )
+
+
+@config_command(
+    app,
+    "demo",
+    DemoOptions,
+    "Run the whole loop with simulated trainers: demonstrations, SFT, chats, rankings, RM, PPO, twice.",
+    saved_as="demo_config.yaml",
+    leave_out=("out",),
+)
+def demo(options: DemoOptions) -> Path:
     # imported when the command runs: the demo imports torch, which other commands do without
     from dialoop.demo import demo_config, run_demo
 
-    _setup_logging(verbose)
-    out = out or settings().home / "demos" / time.strftime("%Y%m%d-%H%M%S")
-    config = demo_config(out, quick=quick, seed=seed)
+    _setup_logging(options.verbose)
+    out = options.out or settings().home / "demos" / time.strftime("%Y%m%d-%H%M%S")
+    config = demo_config(out, quick=options.quick, seed=options.seed)
+    budgets = {
+        name: getattr(options, name)
+        for name in ("trainers", "demonstrations", "chats_per_round", "rounds")
+        if getattr(options, name) is not None
+    }
+    config = dataclasses.replace(config, **budgets)
     config.on_stage = lambda stage, seconds: console.print(
         f"[green]✓[/green] {stage} [dim]({seconds:.0f} s)[/dim]"
     )
@@ -107,6 +141,7 @@ def demo(
     console.print(f"report: [bold]{result.report_path}[/bold]  (and {result.out / 'report.json'})")
     if "policy" in result.models:
         console.print(f"chat with the result: [bold]dialoop serve --model {result.models['policy']}[/bold]")
+    return result.out
 
 
 @dataclass
@@ -126,8 +161,10 @@ class IterateOptions(IterationKnobs):
     "iterate",
     IterateOptions,
     "One iteration on the store: SFT (new demonstrations), RM (all rankings), PPO; resumes after a crash.",
+    saved_as="iterate_config.yaml",
+    leave_out=(),
 )
-def iterate(options: IterateOptions) -> None:
+def iterate(options: IterateOptions) -> Path:
     # imported when the command runs: the loop imports torch, which other commands do without
     from dialoop.loop import IterationConfig, NothingToTrain, run_iteration
     from dialoop.store.migrate import open_store
@@ -158,6 +195,7 @@ def iterate(options: IterateOptions) -> None:
         _print_card(result.report)
         console.print(f"report: [bold]{result.work_dir / 'report' / 'report.html'}[/bold]")
     console.print(f"policy version {result.policy_version_id}" + (" is served" if options.deploy else ""))
+    return result.work_dir
 
 
 @app.command("eval")

@@ -14,11 +14,11 @@ from dialoop.train.ppo_config import PPOConfig
     PPOConfig,
     "PPO against a reward model, KL-tied to the SFT model (prompts: store, --data, or --prompts).",
 )
-def ppo(config: PPOConfig) -> None:
+def ppo(config: PPOConfig) -> Path:
     def stage() -> Path:
         from dialoop.cli.data_sources import load_demonstrations, load_prompts
         from dialoop.train.ppo import train_ppo
 
         return train_ppo(config, load_prompts(config), demonstrations=load_demonstrations(config))
 
-    run_stage(stage)
+    return run_stage(stage)

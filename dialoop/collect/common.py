@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from dialoop import engine
 from dialoop.modeling.chat import Reply, generate_replies
 from dialoop.modeling.generation import SamplingParams
 from dialoop.records import ChatMessage
@@ -46,8 +47,9 @@ def context_of(session: Session, message: Message) -> list[ChatMessage]:
     return as_chat(path_to_root(session, message), message.conversation.system_prompt)
 
 
-def sampling_record(params: SamplingParams) -> dict[str, Any]:
-    """The sampling parameters as stored on a model-written message."""
+def sampling_record(params: SamplingParams | engine.SamplingParams) -> dict[str, Any]:
+    """The sampling parameters as stored on a model-written message (the server's are the engine's; the
+    offline callers' still `dialoop.modeling.generation`'s until they move to the engine)."""
     return dataclasses.asdict(params)
 
 

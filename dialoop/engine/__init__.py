@@ -1,6 +1,7 @@
-"""Dialoop's generation engine: continuous batching over token ids. It is meant for chat, /v1, suggestions,
-comparison sampling, evaluation and PPO rollouts; none of them uses it yet (they still call
-`dialoop.modeling.generation.sample`), only its tests and `python -m dialoop.engine.bench`.
+"""Dialoop's generation engine: continuous batching over token ids, with shared prompt prefixes prefilled
+once. PPO's rollouts (`dialoop.train.rollout`) run on it, and `dialoop.engine.chat.generate_replies` gives
+chat replies from it; the collection, simulation and evaluation callers still use
+`dialoop.modeling.generation.sample` until they move to this package's `SamplingParams`.
 
 It knows only token ids (no tokenizer, no chat templates); text and stop strings come from a `decode`
 callback given at construction. `n` replies to one prompt are `n` submitted requests.

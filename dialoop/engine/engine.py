@@ -4,6 +4,11 @@ Each `step()` frees the slots of cancelled requests, admits waiting requests int
 across owners), prefills every admitted prompt by at most `prefill_chunk` tokens in one batched forward,
 decodes one token for every row that was already decoding in another batched forward, and emits one event
 per request that changed. A request whose prefill completes samples its first token in that same step.
+
+Shared prefixes are prefilled once: an admitted request whose prompt starts with at least
+`MIN_SHARED_PREFIX` tokens of a running request's prompt (n replies to one prompt, K comparison candidates,
+a chat template's system prompt) copies those positions' keys and values from that request's slot, as soon
+as they are computed, and prefills only the rest (at least its last token, whose logits it needs).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dialoop.engine.runner import ModelRunner, RowInput
 from dialoop.engine.sampler import sample_next
 from dialoop.engine.scheduler import Scheduler
 from dialoop.engine.slots import SlotPool
+from dialoop.modeling.scoring import MIN_SHARED_PREFIX
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,8 @@ class Engine:
         self._work = threading.Event()  # set when a submit or cancel may give `run` something to do
         self._ids = itertools.count()
         self.steps = 0
+        self.prefill_tokens = 0  # prompt tokens run through the model (shared prefixes count once)
+        self.prefix_copies = 0  # requests that copied a shared prefix instead of computing it
 
     def submit(
         self,
@@ -126,9 +134,12 @@ class Engine:
             events.append(self._finish(request, "cancelled"))
         for request in self.scheduler.admit(self.slots.free):
             request.slot = self.slots.take()
+            self._find_donor(request)
             self.running.append(request)
+        self._copy_prefixes()
         decoding = [r for r in self.running if r.decoding]
-        prefilling = [r for r in self.running if not r.decoding]
+        # a request waits while the request it shares a prefix with has not computed that prefix yet
+        prefilling = [r for r in self.running if not r.decoding and r.donor is None]
         model = self.runner.model
         was_training = model.training  # PPO's policy is in train mode between rollouts
         model.eval()
@@ -151,6 +162,41 @@ class Engine:
             events += self._accept(decoding, self.runner.forward(rows))
         return events
 
+    def _find_donor(self, request: Request) -> None:
+        """Pick the running request whose prompt shares the longest prefix (>= MIN_SHARED_PREFIX) with this
+        one's, short of this prompt's last token; its slot will give this request that prefix's KV."""
+        prompt = request.prompt_ids
+        best, best_len = None, MIN_SHARED_PREFIX - 1
+        for other in self.running:
+            if other.donor is not None:  # copy from the request that computes the prefix itself
+                continue
+            limit = min(len(prompt) - 1, len(other.prompt_ids))
+            n = 0
+            theirs = other.prompt_ids
+            while n < limit and prompt[n] == theirs[n]:
+                n += 1
+            if n > best_len:
+                best, best_len = other, n
+        if best is not None:
+            request.donor, request.shared = best, best_len
+
+    def _copy_prefixes(self) -> None:
+        """Requests whose donor has computed their shared prefix copy its keys and values into their slot."""
+        pairs = []
+        for r in self.running:
+            donor = r.donor
+            if donor is None:
+                continue
+            if donor.slot is None:  # cancelled before computing the prefix: prefill it alone
+                r.donor = None
+            elif donor.prefilled >= r.shared:
+                assert r.slot is not None
+                pairs.append((donor.slot, r.slot, r.shared))
+                r.prefilled, r.donor = r.shared, None
+        if pairs:
+            self.runner.cache.copy_prefixes(pairs)
+            self.prefix_copies += len(pairs)
+
     def _prefill(self, requests: list[Request]) -> list[Event]:
         chunk = self.config.prefill_chunk
         rows = []
@@ -158,7 +204,9 @@ class Engine:
             assert r.slot is not None
             rows.append(RowInput(r.slot, r.prefilled, r.prompt_ids[r.prefilled : r.prefilled + chunk]))
             r.prefilled = min(len(r.prompt_ids), r.prefilled + chunk)
+        self.prefill_tokens += sum(len(row.tokens) for row in rows)
         logits = self.runner.forward(rows)
+        self._copy_prefixes()  # before any donor that finishes in this step frees its slot
         done = [i for i, r in enumerate(requests) if r.prefilled == len(r.prompt_ids)]
         if not done:
             return []

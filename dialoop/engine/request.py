@@ -47,6 +47,11 @@ class Completion:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
 
+    @property
+    def finished(self) -> bool:
+        """Whether the reply ended itself (a stop token or string), not cut at max_tokens or cancelled."""
+        return self.finish_reason == "stop"
+
 
 class Request:
     """A submitted prompt's scheduling and sampling state; only the stepping thread mutates it."""
@@ -70,6 +75,8 @@ class Request:
             self.generator.manual_seed(params.seed)
         self.slot: int | None = None
         self.prefilled = 0  # prompt tokens already in the KV cache
+        self.donor: Request | None = None  # the running request whose slot will give this one its prefix
+        self.shared = 0  # prompt tokens to copy from the donor's slot
         self.completion = Completion(request_id, prompt_ids)
         self.text = TextTracker(decode, params.stop) if decode is not None else None
         self.cancel_requested = threading.Event()

@@ -9,6 +9,7 @@ Works with any transformers causal LM whose layers all use full attention and ca
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,13 @@ from typing import Any
 import torch
 
 from dialoop.engine.slots import ForwardPlan, SlotCache
-from dialoop.modeling.generation import _cache_kwarg
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward() keyword for the KV cache: `cache` in recent transformers, `past_key_values` before."""
+    get_base = getattr(model, "get_base_model", None)  # peft wraps the HF model
+    base = get_base() if callable(get_base) else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,13 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.forwards = 0
+
+    def _additive_mask(self) -> bool:
+        """Eager attention adds the mask to its scores; SDPA-based ones (PPO's fp32 SDPA among them, whose
+        queries are fp32 in a bf16 model) take a boolean mask of any query dtype."""
+        get_base = getattr(self.model, "get_base_model", None)
+        base = get_base() if callable(get_base) else self.model
+        return getattr(base.config, "_attn_implementation", None) == "eager"
 
     def forward(self, rows: Sequence[RowInput]) -> torch.Tensor:
         """Next-token logits after each row's last new token: [len(rows), vocab]."""
@@ -74,8 +88,10 @@ class ModelRunner:
         )
         positions = positions.to(device)
         visible = torch.arange(kv_len, device=device).view(1, 1, -1) <= positions.unsqueeze(-1)
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=device)
-        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        mask = visible
+        if self._additive_mask():  # eager attention adds the mask to the scores
+            mask = torch.zeros(visible.shape, dtype=self.dtype, device=device)
+            mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
         self.cache.set_plan(plan)
         out = self.model(
             input_ids=input_ids.to(device),

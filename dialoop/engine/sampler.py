@@ -1,8 +1,7 @@
 """The sampler: one token per row from its logits, with each request's own parameters and generator.
 
 Every operation is per row and each sampled row draws one uniform from its request's generator, so a
-row's token does not depend on the other rows in the batch. With only temperature and top-p set, the draw
-is the same as `dialoop.modeling.generation.sample`'s, so both give the same reply for the same seed.
+row's token does not depend on the other rows in the batch.
 """
 
 from __future__ import annotations
@@ -12,7 +11,29 @@ from collections.abc import Sequence
 import torch
 
 from dialoop.engine.request import Request, TokenLogprob
-from dialoop.modeling.generation import _inverse_cdf, _nucleus
+
+NUCLEUS_CANDIDATES = (
+    256  # top-p first looks among this many top tokens; a full sort only when they fall short
+)
+
+
+def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the smallest top set with mass >= top_p, best first (the rest zeroed), and their ids."""
+    # sorting all 49k probabilities of every row costs more than the forward pass on CPU; the nucleus of a
+    # trained model almost always lies in its top few hundred tokens, and when it does not we sort fully
+    vals, ids = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[1]), dim=-1)
+    if bool((vals.sum(dim=-1) < top_p).any()):
+        vals, ids = probs.sort(dim=-1, descending=True)
+    # a token stays when the mass of the tokens before it is still short of top_p
+    before = vals.cumsum(dim=-1) - vals
+    return vals.masked_fill(before >= top_p.unsqueeze(1), 0.0), ids
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The index per row where the cumulative (unnormalised) mass first exceeds uniform * total."""
+    cdf = probs.cumsum(dim=-1)
+    target = (uniforms * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1).squeeze(1)
 
 
 def _apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> None:

@@ -86,6 +86,15 @@ class SlotCache(Cache):
         for layer in self.slot_layers:
             layer.plan = plan
 
+    @torch.inference_mode()  # the cache tensors are inference tensors
+    def copy_prefixes(self, pairs: list[tuple[int, int, int]]) -> None:
+        """For each (source slot, target slot, n): the first n positions' keys and values, in every layer."""
+        for layer in self.slot_layers:
+            assert layer.keys is not None and layer.values is not None
+            for src, dst, n in pairs:
+                layer.keys[dst, :, :n] = layer.keys[src, :, :n]
+                layer.values[dst, :, :n] = layer.values[src, :, :n]
+
     def nbytes(self) -> int:
         """Bytes allocated so far (0 before the first forward)."""
         return sum(

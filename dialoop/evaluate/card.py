@@ -1,10 +1,12 @@
 """The report card: models sampled on held-out prompts (the sim eval split) and scored by the gold scorer.
 
 Per model: mean gold score, gold win rate against the SFT model (ties count half), EOS rate, mean reply
-length, KL to the SFT model on the model's own samples. For the reward model: pairwise accuracy against
-the noise-free gold order on held-out comparisons (K replies of the last model to each eval prompt, as
-in the comparison tasks it learned from; and across the models evaluated). Every model sees the same
-prompts with the same per-row sampling seeds, so differences between models are not sampling luck.
+length, KL to the SFT model on the model's own samples, and the pass rate of each kind of checkable
+instruction. For the reward model: pairwise accuracy against the noise-free gold order on held-out
+comparisons (K replies of the last model to each eval prompt, as in the comparison tasks it learned from;
+and across the models evaluated), overall and split by pair type (both replies end, one cut off, both cut
+off). Every model sees the same prompts with the same per-row sampling seeds, so differences between models
+are not sampling luck.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,12 +38,15 @@ from dialoop.modeling import (
 from dialoop.modeling.heads import load_reward_model, reward_bias
 from dialoop.modeling.ranking import RankingScorer, encode_candidates, score_all
 from dialoop.run_metrics import read_metrics
-from dialoop.sim.gold import gold_report
-from dialoop.sim.prompts import Prompt, generate_prompts
+from dialoop.sim.gold import GoldReport, gold_report
+from dialoop.sim.prompts import CHECK_NAMES, Prompt, generate_prompts
 
 log = logging.getLogger(__name__)
 
 REPORT_VERSION = 1
+# the RM's held-out pairs by type: how many of the pair's two replies ended (the rest were cut off)
+PAIR_TYPES = {"both_end": 2, "one_cut": 1, "both_cut": 0}
+MIN_CHECK_PROMPTS = 10  # a check kind counts in the targets when this many card prompts carry it
 
 
 @dataclass
@@ -93,6 +98,7 @@ class ModelSamples:
     kl: list[float] | None = None  # to the reference; None when there is no reference
     seconds: float = 0.0
     extra: list[list[Reply]] = field(default_factory=list)  # more samples for the RM's comparisons
+    checks: list[dict[str, bool]] = field(default_factory=list)  # per prompt: `checks_passed` of its reply
 
 
 def inference_dtype(precision: str = "auto") -> torch.dtype:
@@ -148,9 +154,36 @@ def sample_replies(
     return out
 
 
-def _score(prompts: Sequence[Prompt], replies: Sequence[Reply]) -> tuple[list[float], list[float]]:
+def checks_passed(report: GoldReport) -> dict[str, bool]:
+    """Each check of the prompt (by `str(check)`): whether the reply passed it as the gold score counts it,
+    so an empty reply, or a refusal of a harmless request, fails every check."""
+    return {check: ok and report.prompt_passed > 0 for check, ok in report.passed.items()}
+
+
+def check_pass_rates(
+    prompts: Sequence[Prompt], checks: Sequence[Mapping[str, bool]]
+) -> dict[str, dict[str, Any]]:
+    """Per check kind of the labeling guide: how many prompts carry it, in how many the reply passed it
+    (every check of that kind), and the rate (NaN when no prompt carries it)."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind in CHECK_NAMES:
+        rows = [
+            [row[str(c)] for c in p.checks if c.name == kind] for p, row in zip(prompts, checks, strict=True)
+        ]
+        carried = [all(row) for row in rows if row]
+        out[kind] = {
+            "prompts": len(carried),
+            "passed": sum(carried),
+            "rate": mean([float(x) for x in carried]),
+        }
+    return out
+
+
+def _score(
+    prompts: Sequence[Prompt], replies: Sequence[Reply]
+) -> tuple[list[float], list[float], list[dict[str, bool]]]:
     reports = [gold_report(p, r.text, finished=r.finished) for p, r in zip(prompts, replies, strict=True)]
-    return [g.score for g in reports], [g.prompt_passed for g in reports]
+    return [g.score for g in reports], [g.prompt_passed for g in reports], [checks_passed(g) for g in reports]
 
 
 def sample_models(
@@ -181,7 +214,7 @@ def sample_models(
             replies, *extra = sample_replies(
                 model, tokenizer, prompts, config, copies=copies, advance=advance
             )
-        gold, passed = _score(prompts, replies)
+        gold, passed, checks = _score(prompts, replies)
         kl: list[float] | None = None
         if spec.name == reference:
             kl = [0.0] * len(replies)  # the reference against itself: exactly 0, no need to compute
@@ -199,7 +232,7 @@ def sample_models(
             )
         del model  # the reference stays loaded through `ref_model`; the others go now
         seconds = time.perf_counter() - started
-        done[spec.name] = ModelSamples(spec, replies, gold, passed, kl, seconds, extra)
+        done[spec.name] = ModelSamples(spec, replies, gold, passed, kl, seconds, extra, checks)
         log.info("evaluated %s: gold %.3f in %.0fs", spec.name, mean(gold), seconds)
     return [done[m.name] for m in models]
 
@@ -243,7 +276,9 @@ def reward_model_accuracy(
     model) per eval prompt; for an RM of the loop, `policy` is the one its newest rankings were sampled from,
     so these are held-out rankings of what it learned from. `accuracy_final_model`: K replies of the last
     model, which PPO may have pushed to where the RM is wrong (reward over-optimization).
-    `accuracy_across_models`: the replies of the different models to each prompt."""
+    `accuracy_across_models`: the replies of the different models to each prompt. `accuracy_both_end`,
+    `accuracy_one_cut`, `accuracy_both_cut` (and their `pairs_...`): the held-out pairs of `accuracy` split
+    by how many of the two replies ended; their pairs add up to `pairs`."""
     by_name = {s.spec.name: s for s in samples}
     held, last = by_name[policy or samples[-1].spec.name], samples[-1]
 
@@ -261,13 +296,15 @@ def reward_model_accuracy(
     groups = [group for tasks in sets.values() for group in tasks]
     predicted = reward_scores(model, tokenizer, [p for _ in sets for p in prompts], groups, config)
     del model
-    results, offset = {}, 0
+    results, offset, split = {}, 0, {}
     for name, tasks in sets.items():
         gold = [
             [gold_report(p, r.text, finished=r.finished).score for r in group]
             for p, group in zip(prompts, tasks, strict=True)
         ]
         results[name] = pair_accuracy(predicted[offset : offset + len(tasks)], gold)
+        if name == "held":
+            split = _accuracy_by_pair_type(predicted[offset : offset + len(tasks)], gold, tasks)
         offset += len(tasks)
     final = results.get("final", results["held"])
     across = results.get("across", (math.nan, 0))
@@ -275,6 +312,7 @@ def reward_model_accuracy(
         "path": str(path),
         "accuracy": results["held"][0],
         "pairs": results["held"][1],
+        **split,
         "prompts": len(prompts),
         "candidates_per_prompt": len(sets["held"][0]) if prompts else 0,
         "model": held.spec.name,
@@ -285,6 +323,18 @@ def reward_model_accuracy(
         "pairs_across_models": across[1],
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def _accuracy_by_pair_type(
+    predicted: Sequence[Sequence[float]], gold: Sequence[Sequence[float]], tasks: Sequence[Sequence[Reply]]
+) -> dict[str, Any]:
+    def of_type(ended: int) -> Callable[[int, int, int], bool]:
+        return lambda g, i, j: int(tasks[g][i].finished) + int(tasks[g][j].finished) == ended
+
+    out: dict[str, Any] = {}
+    for name, ended in PAIR_TYPES.items():
+        out[f"accuracy_{name}"], out[f"pairs_{name}"] = pair_accuracy(predicted, gold, of_type(ended))
+    return out
 
 
 def ppo_curves(iteration: int | None, run_dir: Path) -> dict[str, Any]:
@@ -317,6 +367,7 @@ def _model_card(s: ModelSamples, prompts: Sequence[Prompt], reference: ModelSamp
         "mean_length_tokens": mean([float(n) for n in lengths]),
         "mean_length_words": mean([float(len(r.text.split())) for r in s.replies]),
         "kl_to_sft": mean(s.kl) if s.kl is not None else None,
+        "checks": check_pass_rates(prompts, s.checks),
         "seconds": round(s.seconds, 2),
     }
 
@@ -387,16 +438,40 @@ def _examples(prompts: Sequence[Prompt], samples: Sequence[ModelSamples], n: int
     ]
 
 
-def targets(report: Mapping[str, Any], *, base: str, sft: str, policy: str) -> dict[str, Any]:
-    """The loop's goals on this card: gold(policy) > gold(SFT) > gold(base), win rate >= 60%, RM >= 70%."""
+def targets(report: Mapping[str, Any], *, base: str, sft: str, policy: str) -> dict[str, dict[str, Any]]:
+    """The loop's goals on this card, each as {value, threshold, pass}; it passes when value >= threshold.
+
+    `win_rate_vs_sft` of the policy >= 0.70; the RM's `rm_accuracy` >= 0.75 and `rm_accuracy_both_end`
+    >= 0.65; `gold_policy_minus_sft` >= 0.10; `gold_sft_minus_base` >= 0. Over the check kinds that
+    `MIN_CHECK_PROMPTS` or more card prompts carry: `worst_check_gain`, the least gain in pass rate of the
+    policy over SFT, >= 0 (none worse; no value when no kind qualifies), and `checks_gaining_20_points`,
+    how many kinds gain 0.20 or more, >= 3."""
     cards = {m["name"]: m for m in report["models"]}
-    gold = {k: cards[v]["gold_mean"] for k, v in (("base", base), ("sft", sft), ("policy", policy))}
-    win = cards[policy]["win_rate_vs_sft"]
+    gold = {name: _number(cards[name]["gold_mean"]) for name in (base, sft, policy)}
     rm = report.get("reward_model") or {}
-    acc = rm.get("accuracy")
-    return {
-        "gold_policy_gt_sft": gold["policy"] > gold["sft"],
-        "gold_sft_gt_base": gold["sft"] > gold["base"],
-        "win_rate_vs_sft_ge_60": win is not None and not math.isnan(win) and win >= 0.6,
-        "rm_accuracy_ge_70": acc is not None and not math.isnan(acc) and acc >= 0.7,
+    sft_checks, policy_checks = cards[sft]["checks"], cards[policy]["checks"]
+    # rounded, so that float error does not miss a threshold (0.3 - 0.1 < 0.2 in floats)
+    gains = [
+        round(policy_checks[kind]["rate"] - rates["rate"], 10)
+        for kind, rates in sft_checks.items()
+        if rates["prompts"] >= MIN_CHECK_PROMPTS
+    ]
+    goals = {
+        "win_rate_vs_sft": (_number(cards[policy]["win_rate_vs_sft"]), 0.70),
+        "rm_accuracy": (_number(rm.get("accuracy")), 0.75),
+        "rm_accuracy_both_end": (_number(rm.get("accuracy_both_end")), 0.65),
+        "gold_policy_minus_sft": (round(gold[policy] - gold[sft], 10), 0.10),
+        "gold_sft_minus_base": (round(gold[sft] - gold[base], 10), 0.0),
+        "worst_check_gain": (min(gains) if gains else math.nan, 0.0),
+        "checks_gaining_20_points": (sum(g >= 0.20 for g in gains), 3),
     }
+    # NaN (a missing value: null in report.json) never passes
+    return {
+        name: {"value": value, "threshold": threshold, "pass": value >= threshold}
+        for name, (value, threshold) in goals.items()
+    }
+
+
+def _number(value: float | None) -> float:
+    """A figure of the card as a float: NaN when it is missing (None in a report read back from JSON)."""
+    return math.nan if value is None else float(value)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -40,17 +40,23 @@ def win_rate(scores: Sequence[float], baseline: Sequence[float]) -> float:
     return points / len(scores)
 
 
-def pair_accuracy(predicted: Sequence[Sequence[float]], gold: Sequence[Sequence[float]]) -> tuple[float, int]:
+def pair_accuracy(
+    predicted: Sequence[Sequence[float]],
+    gold: Sequence[Sequence[float]],
+    keep: Callable[[int, int, int], bool] | None = None,
+) -> tuple[float, int]:
     """Over every group (the candidates of one prompt), the pairs with different gold scores that
-    `predicted` orders the same way (a predicted tie counts half): (accuracy, number of pairs)."""
+    `predicted` orders the same way (a predicted tie counts half): (accuracy, number of pairs).
+
+    With `keep`, only the pairs (i, j) of group g for which `keep(g, i, j)` holds count."""
     if len(predicted) != len(gold):
         raise ValueError(f"{len(predicted)} groups of predictions against {len(gold)} gold groups")
     points, pairs = 0.0, 0
-    for p, g in zip(predicted, gold, strict=True):
+    for group, (p, g) in enumerate(zip(predicted, gold, strict=True)):
         if len(p) != len(g):
             raise ValueError(f"a group has {len(p)} predictions for {len(g)} gold scores")
         for i, j in itertools.combinations(range(len(g)), 2):
-            if g[i] == g[j]:
+            if g[i] == g[j] or (keep is not None and not keep(group, i, j)):
                 continue
             pairs += 1
             if p[i] == p[j]:

@@ -17,6 +17,7 @@ from dialoop.atomic import write_atomic
 from dialoop.evaluate.card import ModelSamples
 from dialoop.evaluate.plots import plot_gold, plot_lengths, plot_ppo_curves
 
+PAIR_LABELS = {"both_end": "both replies end", "one_cut": "one cut off", "both_cut": "both cut off"}
 PLOTS = {"ppo": "ppo_steps.png", "gold": "gold_per_iteration.png", "length": "reply_length.png"}
 
 
@@ -36,7 +37,8 @@ def _json_ready(value: Any) -> Any:
 def write_report(report: dict[str, Any], out_dir: Path, samples: Sequence[ModelSamples] = ()) -> Path:
     """Write `report.json`, the plots and `report.html` into `out_dir`; returns the HTML's path.
 
-    With `samples`, every reply goes to `samples.jsonl` too (model, prompt row, sample, reply, finished)."""
+    With `samples`, every reply goes to `samples.jsonl` too (model, prompt row, sample, reply, finished; for
+    the reply on the card also its gold score and which of the prompt's checks it passed)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots: dict[str, str] = {}
@@ -54,7 +56,7 @@ def write_report(report: dict[str, Any], out_dir: Path, samples: Sequence[ModelS
         lines = [
             json.dumps(
                 {"model": s.spec.name, "row": i, "sample": k, "reply": r.text, "finished": r.finished}
-                | ({"gold": s.gold[i]} if k == 0 else {})
+                | ({"gold": s.gold[i], "checks": s.checks[i]} if k == 0 else {})
             )
             for s in samples
             for k, replies in enumerate([s.replies, *s.extra])
@@ -92,6 +94,23 @@ def _machine(machine: Mapping[str, Any] | None) -> list[str]:
         _fmt(machine.get(k)) for k in ("device", "cpus", "torch_threads", "precision")
     )
     return [f"<p>On {device} ({cpus} CPUs, {threads} torch threads), training in {precision}.</p>"]
+
+
+def _checks_table(models: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per check kind: how many card prompts carry it, and per model how many of them it passed."""
+    kinds = models[0]["checks"]  # the same prompts, so the same counts, for every model
+    rows = [
+        [html.escape(kind), _fmt(kinds[kind]["prompts"])]
+        + [f"{_fmt(m['checks'][kind]['rate'], percent=True)} ({m['checks'][kind]['passed']})" for m in models]
+        for kind in kinds
+    ]
+    return [
+        "<h2>Checks passed</h2>",
+        "<p>Per kind of checkable instruction of the labeling guide: the card prompts that carry it, and per "
+        "model the share (and number) of them whose reply passed it. An empty reply, or a refusal of a "
+        "harmless request, passes no check.</p>",
+        _table(["check", "prompts", *(m["name"] for m in models)], rows),
+    ]
 
 
 def render_html(report: Mapping[str, Any]) -> str:
@@ -134,10 +153,16 @@ def render_html(report: Mapping[str, Any]) -> str:
             model_rows,
         ),
     ]
+    parts += _checks_table(models)
     if report.get("targets"):
+        rows = [
+            [html.escape(name), _fmt(t["value"]), _fmt(t["threshold"]), _fmt(t["pass"])]
+            for name, t in report["targets"].items()
+        ]
         parts += [
             "<h2>Targets</h2>",
-            _table(["target", "met"], [[html.escape(k), _fmt(v)] for k, v in report["targets"].items()]),
+            "<p>A target is met when its value is at least its threshold.</p>",
+            _table(["target", "value", "threshold", "met"], rows),
         ]
     rm = report.get("reward_model")
     if rm:
@@ -151,6 +176,15 @@ def render_html(report: Mapping[str, Any]) -> str:
             f"on {rm['pairs_final_model']} pairs. Across the models' "
             f"replies: {_fmt(rm['accuracy_across_models'], percent=True)} "
             f"on {rm['pairs_across_models']} pairs. Model: <code>{_fmt(rm['path'])}</code></p>",
+            f"<p>The held-out pairs of {_fmt(rm['model'])} by how many of the two replies ended:</p>",
+            _table(
+                ["pair type", "pairs", "accuracy"],
+                [
+                    [label, _fmt(rm[f"pairs_{key}"]), _fmt(rm[f"accuracy_{key}"], percent=True)]
+                    for key, label in PAIR_LABELS.items()
+                ]
+                + [["<b>all</b>", _fmt(rm["pairs"]), _fmt(rm["accuracy"], percent=True)]],
+            ),
         ]
     plots = report.get("plots", {})
     if plots:

@@ -1,6 +1,8 @@
 """`pairs`: TRL's conversational preference format, `{"prompt": [...], "chosen": [...], "rejected": [...]}`.
 
-A pair is a ranking of two candidates; a K-way ranking is written as all its (better, worse) pairs."""
+A pair is a ranking of two candidates; a K-way ranking is written as all its (better, worse) pairs. TRL's
+standard (plain text) form, `{"prompt": "...", "chosen": "...", "rejected": "..."}`, is read too: the prompt
+as one user turn, each reply as one assistant turn; pairs are always written as messages."""
 
 from __future__ import annotations
 
@@ -26,10 +28,16 @@ def ordered_pairs(example: RankingExample, *, all_bad_orders: bool = False) -> l
     ]
 
 
+def _as_turns(value: Any, role: str) -> Any:
+    """A plain-text prompt or reply (TRL's standard form) as one turn; messages as they are."""
+    return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+
 def parse(value: Any) -> RankingExample:
     obj = require_object(value, ("prompt", "chosen", "rejected"))
-    prompt = parse_prompt(obj["prompt"])
-    chosen, rejected = parse_reply(obj["chosen"], "chosen"), parse_reply(obj["rejected"], "rejected")
+    prompt = parse_prompt(_as_turns(obj["prompt"], "user"))
+    chosen = parse_reply(_as_turns(obj["chosen"], "assistant"), "chosen")
+    rejected = parse_reply(_as_turns(obj["rejected"], "assistant"), "rejected")
     return RankingExample(prompt=prompt, completions=[chosen, rejected], ranking=[0, 1])
 
 

@@ -22,21 +22,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, func, insert, select
+from sqlalchemy import Select, insert, select
 from sqlalchemy.orm import Session, selectinload
 
 from dialoop.formats import oasst
-from dialoop.formats.jsonl import content_hash, parse_lines, write_lines
+from dialoop.formats.jsonl import content_hash, write_lines
 from dialoop.formats.oasst import OasstNode, OasstTree
 from dialoop.formats.registry import ChatFormat, RankingFormat, get_format
+from dialoop.formats.sources import parse_source
 from dialoop.records import ChatExample, ChatMessage, RankingExample
+from dialoop.store.feedback import ab_choices, net_thumbs
 from dialoop.store.models import (
     CONVERSATION_KINDS,
     TRAINER_ROLES,
     Candidate,
     ComparisonTask,
     Conversation,
-    Feedback,
     Message,
     Ranking,
     User,
@@ -86,9 +87,10 @@ def _chunks(items: Sequence[R], size: int = CHUNK) -> Iterator[Sequence[R]]:
 
 
 def read_records(path: str | Path, fmt: str) -> list[Record]:
-    """Every record of a file, parsed and checked; `FormatError` (FILE:LINE: reason) on the first bad line."""
+    """Every record of a source (JSONL, Parquet, a saved dataset: `dialoop.formats.sources`), parsed and
+    checked; `FormatError` (FILE:LINE: reason) on the first bad line."""
     parse: Callable[[Any], Record] = get_format(fmt).parse
-    return [record for _, record in parse_lines(path, parse)]
+    return [record for _, record in parse_source(path, parse)]
 
 
 def _canonical(record: Record) -> Any:
@@ -563,11 +565,10 @@ def _sibling_pair(session: Session, better: Message, worse: Message) -> RankingE
     return RankingExample(prompt=prompt, completions=[better.content, worse.content], ranking=[0, 1])
 
 
-def feedback_records(session: Session) -> Iterator[RankingExample]:
-    """Users' feedback as preference pairs: each A/B choice (preferred > the other sibling, oldest first),
-    then per parent message every thumbed-up reply over every thumbed-down sibling (net of all votes)."""
-    ab = session.scalars(select(Feedback).where(Feedback.kind == "ab").order_by(Feedback.id))
-    for feedback in ab:
+def ab_records(session: Session, ids: Sequence[int] | None = None) -> Iterator[RankingExample]:
+    """Each A/B choice (of the feedback `ids`, when given) as a pair, preferred > the other sibling, oldest
+    first; a choice that does not compare two sibling replies is left out."""
+    for feedback in ab_choices(session, ids):
         other = session.get(Message, feedback.other_message_id) if feedback.other_message_id else None
         chosen = session.get(Message, feedback.message_id)
         pair = _sibling_pair(session, chosen, other) if chosen and other else None
@@ -575,12 +576,13 @@ def feedback_records(session: Session) -> Iterator[RankingExample]:
             log.warning("A/B feedback %d does not compare two sibling replies: left out", feedback.id)
             continue
         yield pair
-    net = session.execute(
-        select(Feedback.message_id, func.sum(Feedback.value))
-        .where(Feedback.kind == "thumbs")
-        .group_by(Feedback.message_id)
-    ).all()
-    votes = {message_id: int(total) for message_id, total in net if total}
+
+
+def thumbs_records(session: Session, ids: Sequence[int] | None = None) -> Iterator[RankingExample]:
+    """Thumbs (of the feedback `ids`, when given) as pairs: per parent message, every reply with a net
+    thumb up over every sibling with a net thumb down. A thumbed reply without a rated sibling says nothing
+    about what is better: it gives no pair."""
+    votes = net_thumbs(session, ids)
     if not votes:
         return
     rated = session.scalars(
@@ -599,6 +601,13 @@ def feedback_records(session: Session) -> Iterator[RankingExample]:
                 pair = _sibling_pair(session, up, down)
                 if pair is not None:
                     yield pair
+
+
+def feedback_records(session: Session) -> Iterator[RankingExample]:
+    """Users' feedback as preference pairs: every A/B choice, then the thumbs (`ab_records`,
+    `thumbs_records`)."""
+    yield from ab_records(session)
+    yield from thumbs_records(session)
 
 
 def _dump_all(

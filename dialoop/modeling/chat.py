@@ -22,7 +22,10 @@ class Reply:
 def encode_prompt(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
     """Token ids of `messages` through the chat template, ending with the assistant generation prompt."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template")
+        raise ValueError(
+            f"tokenizer {tokenizer.name_or_path!r} has no chat template: load it through "
+            "dialoop.modeling.load_tokenizer (or ensure_special_tokens), which installs ChatML"
+        )
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # the template already writes every special token it wants; adding BOS again would change the prompt
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

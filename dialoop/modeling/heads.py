@@ -16,7 +16,14 @@ import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from dialoop.modeling.device import pick_device
-from dialoop.modeling.loading import _from_pretrained, ensure_special_tokens, load_tokenizer, resolve_model
+from dialoop.modeling.loading import (
+    ModelLoadError,
+    _from_pretrained,
+    ensure_special_tokens,
+    load_tokenizer,
+    quantization_kwargs,
+    resolve_model,
+)
 
 BIAS_KEY = "dialoop_reward_bias"
 
@@ -27,12 +34,23 @@ def reward_model_from_lm(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     tokenizer: Any = None,
+    load_in_4bit: bool = False,
 ) -> PreTrainedModel:
-    """A one-label sequence classifier whose backbone is the causal LM's and whose head is new."""
+    """A one-label sequence classifier whose backbone is the causal LM's and whose head is new.
+
+    `load_in_4bit`: the backbone in 4 bits on the GPU (QLoRA; the head stays in full precision).
+    """
     source = resolve_model(path_or_id)
-    model = _from_pretrained(
-        AutoModelForSequenceClassification, source, "model", num_labels=1, dtype=dtype or torch.float32
-    )
+    precision = quantization_kwargs() if load_in_4bit else {"dtype": dtype or torch.float32}
+    try:
+        model = _from_pretrained(
+            AutoModelForSequenceClassification, source, "model", num_labels=1, **precision
+        )
+    except ValueError as exc:  # transformers names the config classes it has a sequence classifier for
+        raise ModelLoadError(
+            f"{source}: transformers has no sequence-classification model for this architecture, so it "
+            f"cannot be a reward model: {str(exc).splitlines()[0]}"
+        ) from exc
     ensure_special_tokens(model, tokenizer if tokenizer is not None else load_tokenizer(source))
     head = _score_head(model)
     # a small head keeps the initial rewards near 0 whatever the backbone's hidden-state scale
@@ -41,6 +59,10 @@ def reward_model_from_lm(
     if head.bias is not None:
         torch.nn.init.zeros_(head.bias)
     set_reward_bias(model, 0.0)
+    if load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model.to(device or pick_device())
 
 

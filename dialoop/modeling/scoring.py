@@ -14,14 +14,38 @@ import inspect
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from dialoop.modeling.generation import Completion, common_prefix_len
 from dialoop.modeling.heads import reward_bias
 from dialoop.modeling.trunk import TrunkCache
+
+MIN_SHARED_PREFIX = 8  # shorter common prefixes are not worth a forward pass of their own
+
+
+def common_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
+    """Leading tokens common to all `prompts` (2 or more), short of the shortest one's last token (each row
+    needs a token of its own to predict from); 0 when fewer than MIN_SHARED_PREFIX. Scoring runs such a
+    prefix once for all rows (the generation engine shares prefixes the same way)."""
+    if len(prompts) < 2:
+        return 0
+    limit = min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+class SampledReply(Protocol):
+    """A sampled reply as scoring needs it (the engine's `Completion`, a chat `Reply`)."""
+
+    @property
+    def token_ids(self) -> list[int]: ...  # with the final EOS when it ended on one
+
+    @property
+    def finished(self) -> bool: ...  # ended with EOS
 
 
 @dataclass
@@ -79,7 +103,7 @@ class Experience:
 
 def pack_rollouts(
     prompts: Sequence[Sequence[int]],
-    completions: Sequence[Completion],
+    completions: Sequence[SampledReply],
     pad_token_id: int,
     device: torch.device,
 ) -> Experience:

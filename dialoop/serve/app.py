@@ -12,6 +12,7 @@ control as a dependency on the route), and add one `app.include_router(...)` lin
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import threading
@@ -26,14 +27,29 @@ from fastapi import Depends, FastAPI
 
 from dialoop import __version__
 from dialoop.modeling.device import pick_device
-from dialoop.serve import admin, auth, chat, health, keys_ui, openai_api, openai_errors, pages, trainer
+from dialoop.serve import (
+    admin,
+    auth,
+    chat,
+    health,
+    keys_ui,
+    metrics,
+    openai_api,
+    openai_errors,
+    pages,
+    trainer,
+)
+from dialoop.serve.body_limit import install_body_limits
+from dialoop.serve.error_docs import install_error_docs
 from dialoop.serve.models import ModelRegistry
-from dialoop.serve.text import reject_unstorable_text
+from dialoop.serve.overload import install_overload
+from dialoop.serve.remote import RemoteBackend
+from dialoop.serve.text import install_value_errors, reject_unstorable_text
 from dialoop.serve.worker import GenerationWorker
 from dialoop.settings import ServeSettings, settings
 from dialoop.store.accounts import has_users
-from dialoop.store.db import session_scope
-from dialoop.store.migrate import open_store
+from dialoop.store.db import make_engine, session_scope
+from dialoop.store.migrate import upgrade
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +57,9 @@ log = logging.getLogger(__name__)
 def _include_routers(app: FastAPI) -> None:
     """Every router of the server; add yours here, one line each."""
     app.include_router(health.router)
-    app.include_router(openai_api.router)
+    app.include_router(metrics.router)
+    # bodies: /v1 up to ServeSettings.max_body_bytes, every other route the app's max_web_body_bytes
+    app.include_router(openai_api.router, max_body_size=app.state.serve_settings.max_body_bytes)
     app.include_router(pages.router)
     app.include_router(auth.router)
     app.include_router(chat.router)
@@ -75,7 +93,10 @@ def create_app(
     served policy version, else the embedded default); `model_name` names it in `/v1/models`.
     """
     serve_settings = serve_settings or settings().serve
-    engine = open_store(database_url or settings().db_url)
+    url = database_url or settings().db_url
+    upgrade(url)
+    # the pool and the request slots of dialoop.serve.overload are sized from one setting
+    engine = make_engine(url, connections=serve_settings.db_connections, wait_s=serve_settings.db_wait_s)
     registry = ModelRegistry.open(
         engine,
         model,
@@ -83,13 +104,25 @@ def create_app(
         max_loaded=serve_settings.max_loaded_models,
         dtype=_serving_dtype(serve_settings.dtype),
     )
-    worker = GenerationWorker(
-        registry,
-        max_queue=serve_settings.max_queue,
-        max_batch=serve_settings.max_batch,
-        batch_window_s=serve_settings.batch_window_ms / 1000,
-        default_max_tokens=serve_settings.default_max_tokens,
-    )
+    worker: GenerationWorker | RemoteBackend
+    if serve_settings.inference_url:  # generation on another server: no model is loaded here
+        worker = RemoteBackend(
+            serve_settings.inference_url,
+            serve_settings.inference_key or None,
+            max_queue=serve_settings.max_queue,
+            max_batch=serve_settings.max_batch,
+            default_max_tokens=serve_settings.default_max_tokens,
+        )
+    else:
+        worker = GenerationWorker(
+            registry,
+            max_queue=serve_settings.max_queue,
+            max_batch=serve_settings.max_batch,
+            max_len=serve_settings.max_len,
+            prefill_chunk=serve_settings.prefill_chunk,
+            max_rows_per_owner=serve_settings.max_rows_per_owner,
+            default_max_tokens=serve_settings.default_max_tokens,
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -104,6 +137,9 @@ def create_app(
         try:
             yield
         finally:
+            jobs = getattr(app.state, "jobs", None)
+            if jobs is not None:  # running admin jobs end as `interrupted`, to be resumed after a restart
+                await asyncio.to_thread(jobs.shutdown)
             await worker.stop()
             engine.dispose()
 
@@ -113,14 +149,21 @@ def create_app(
         version=__version__,
         lifespan=lifespan,
         dependencies=[Depends(reject_unstorable_text)],
+        max_body_size=serve_settings.max_web_body_bytes,  # dialoop.serve.body_limit
     )
     app.state.engine = engine
     app.state.registry = registry
     app.state.worker = worker
     app.state.serve_settings = serve_settings
     openai_errors.install_error_handlers(app)
+    install_overload(app, serve_settings)
+    install_body_limits(app)
+    install_value_errors(app)
     pages.install_error_pages(app)
+    # outermost: counts, times and (with log_format json) logs every request, 413s and 503s included
+    app.add_middleware(metrics.RequestObserver, access_log=serve_settings.log_format == "json")
     _include_routers(app)
+    install_error_docs(app)
     return app
 
 

@@ -1,9 +1,20 @@
-"""Accounts in the web: login and logout, the logged-in user, role dependencies.
+"""Accounts in the web: login and logout with throttling, the logged-in user, role dependencies.
 
 Sessions and CSRF tokens are `dialoop.serve.sessions`; here is who may do what:
 
     @router.post("/things", dependencies=[Depends(csrf_protect)])
     def add_thing(user: Annotated[User, Depends(require_role("trainer", "admin"))]) -> ...
+
+Login throttling counts failures in the shared state (every process, kept across restarts) three ways, so
+that guessing is slow while nobody can lock the real user out (docs/deployment.md, "Login throttling"):
+
+- per name and client, the client being the browser's signed device cookie (set at each successful login)
+  or else the address: `login_attempts` failures in `login_window_s` stop that pair until the window ends;
+- per address, any names: `login_ip_attempts` failures stop the address (password spraying), except for
+  browsers with the name's device cookie;
+- per name, from anywhere: beyond `login_name_attempts` failures the name's tries are spaced out, 1 s
+  doubling up to `login_max_delay_s`, except from the name's device cookie or an address it has logged in
+  from before. A delay is a 429 with Retry-After, never a sleep that holds a worker.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ import hmac
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -25,8 +37,10 @@ from dialoop.serve.sessions import (
     apply_session_cookie,
     auth_state,
     csrf_protect,
+    device_id,
     fingerprint,
     replace_session,
+    set_device_cookie,
     set_user,
     web_session,
 )
@@ -36,7 +50,6 @@ from dialoop.store.models import ROLES, User
 log = logging.getLogger(__name__)
 
 LOGIN_PATH = "/login"
-_MAX_TRACKED_LOGINS = 10_000
 
 
 def optional_user(request: Request, session: SessionDep) -> User | None:
@@ -95,26 +108,39 @@ def safe_next(target: str | None, default: str = "/") -> str:
     return target
 
 
-def _throttled(request: Request, name: str) -> float:
-    """Seconds until another login try for `name` from this client is allowed (0: allowed now)."""
-    state = auth_state(request)
-    key = (request.client.host if request.client else "", name.lower())
-    now = time.time()
-    recent = [t for t in state.failures.get(key, []) if now - t < state.config.login_window_s]
-    state.failures[key] = recent
-    if len(recent) < state.config.login_attempts:
-        return 0.0
-    return state.config.login_window_s - (now - recent[0])
+@dataclass(frozen=True)
+class LoginClient:
+    """Who tries to log in as whom: the name (lower-cased), the address, and the device when known."""
+
+    name: str
+    ip: str
+    device: str | None
+
+    @property
+    def key(self) -> str:
+        return f"device:{self.device}" if self.device else f"ip:{self.ip}"
+
+    @classmethod
+    def of(cls, request: Request, name: str) -> LoginClient:
+        return cls(name.lower(), request.client.host if request.client else "", device_id(request, name))
 
 
-def _record_failure(request: Request, name: str) -> None:
+def login_wait(request: Request, client: LoginClient) -> float:
+    """Seconds until `client` may try to log in again (0: now); the policy is the module's docstring."""
     state = auth_state(request)
-    key = (request.client.host if request.client else "", name.lower())
+    config = state.config
+    record = state.shared.login_record(client.name, client.key, client.ip, config.login_window_s)
     now = time.time()
-    state.failures.setdefault(key, []).append(now)
-    if len(state.failures) > _MAX_TRACKED_LOGINS:  # a flood of made-up names must not grow memory forever
-        window = state.config.login_window_s
-        state.failures = {k: ts for k, ts in state.failures.items() if now - ts[-1] < window}
+    waits = [0.0]
+    if record.pair >= config.login_attempts and record.pair_oldest is not None:
+        waits.append(record.pair_oldest + config.login_window_s - now)
+    if client.device is None:
+        if record.ip >= config.login_ip_attempts and record.ip_oldest is not None:
+            waits.append(record.ip_oldest + config.login_window_s - now)
+        extra = record.name - config.login_name_attempts
+        if not record.known_ip and extra >= 0 and record.name_latest is not None:
+            waits.append(record.name_latest + min(config.login_max_delay_s, 2.0**extra) - now)
+    return max(waits)
 
 
 router = APIRouter(tags=["auth"])
@@ -147,7 +173,9 @@ def login(
 ) -> Any:
     """Check the name and password; on success start a new session and go on to `next`."""
     name = name.strip()
-    wait = _throttled(request, name)
+    client = LoginClient.of(request, name)
+    shared = auth_state(request).shared
+    wait = login_wait(request, client)
     if wait > 0:
         response = _login_page(
             request, session, safe_next(next), f"Too many failed logins: try again in {int(wait) + 1} s.", 429
@@ -156,19 +184,22 @@ def login(
         return response
     user = authenticate(session, name, password)
     if user is None:
-        _record_failure(request, name)
+        shared.record_failure(client.name, client.key, client.ip)
         log.info("failed login for %r", name)
         return _login_page(request, session, safe_next(next), "Wrong name or password.", 400)
+    shared.record_success(client.name, client.key, client.ip)
     replace_session(request, user)
     response = RedirectResponse(safe_next(next), status_code=303)
     apply_session_cookie(request, response)
+    set_device_cookie(request, response, name)
     log.info("user %s logged in", user.name)
     return response
 
 
 @router.post("/logout", include_in_schema=False, dependencies=[CsrfProtect])
 def logout(request: Request) -> Response:
-    """End the session and go to the login page; a copy of its cookie stops working too (until a restart)."""
+    """End the session and go to the login page; a copy of its cookie stops working too, on every
+    process and after restarts."""
     replace_session(request, None)
     response = RedirectResponse(LOGIN_PATH, status_code=303)
     apply_session_cookie(request, response)

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dialoop.serve.models import ModelRegistry
 from dialoop.serve.openai_errors import OpenAIError
+from dialoop.serve.overload import db_slot, run_with_db
 from dialoop.serve.worker import GenerationWorker
 from dialoop.settings import ServeSettings
 from dialoop.store.accounts import user_for_api_key
@@ -27,11 +28,14 @@ def get_engine(request: Request) -> Engine:
     return engine
 
 
-def get_session(request: Request) -> Iterator[Session]:
+def get_session(
+    request: Request, _slot: Annotated[None, Depends(db_slot, scope="function")]
+) -> Iterator[Session]:
     """A session for this request: committed when the route returns, rolled back on an error.
 
     Use `SessionDep` so that the commit happens before the response is sent (a failed commit is a 500,
-    never a success the client saw for data that was not saved).
+    never a success the client saw for data that was not saved). The request holds a database slot
+    while it has the session (`dialoop.serve.overload`: 503 when none frees in time).
     """
     with session_scope(request.app.state.engine) as session:
         yield session
@@ -52,10 +56,10 @@ def get_serve_settings(request: Request) -> ServeSettings:
     return serve_settings
 
 
-def api_user(request: Request, authorization: Annotated[str | None, Header()] = None) -> User:
+async def api_user(request: Request, authorization: Annotated[str | None, Header()] = None) -> User:
     """The owner of the request's `Authorization: Bearer <API key>`; 401 in OpenAI's shape otherwise.
 
-    Uses its own short session, so that a long stream does not hold a database connection.
+    Uses its own short session (in a database slot), so that a long generation holds no connection.
     """
     scheme, _, key = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
@@ -65,11 +69,17 @@ def api_user(request: Request, authorization: Annotated[str | None, Header()] = 
             "create one with `dialoop keys create USER` or on your account page.",
         )
     maker = sessionmaker(request.app.state.engine, expire_on_commit=False)
-    with maker() as session:
-        user = user_for_api_key(session, key.strip())
-        if user is None:
-            raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
-        session.expunge(user)
+
+    def lookup() -> User | None:
+        with maker() as session:
+            user = user_for_api_key(session, key.strip())
+            if user is not None:
+                session.expunge(user)
+            return user
+
+    user = await run_with_db(request, lookup)
+    if user is None:
+        raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
     return user
 
 

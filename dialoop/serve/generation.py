@@ -1,7 +1,7 @@
 """What every route that generates shares: submitting to the worker, its refusals as HTTP answers,
 server-sent events, and the live generations a user may stop.
 
-    generation = await submit(worker, prompt, api="web", max_tokens=64)    # refusals: HTTPException
+    generation = await submit(worker, prompt, owner=owner_of(user.id), max_tokens=64)  # refusals raise
     live(request).add(generation, owner_id=user.id, scope=f"chat:{cid}")  # so that its owner can stop it
     return event_stream(events())                                         # `data: {json}` lines
 
@@ -76,31 +76,40 @@ def openai_error(exc: WorkerError) -> OpenAIError:
 
 async def submit(
     worker: GenerationWorker,
-    messages: list[ChatMessage],
+    messages: list[ChatMessage] | None,
     *,
+    text: str | None = None,
     api: Literal["web", "openai"] = "web",
+    owner: str = "",
     model: str | None = None,
     max_tokens: int | None = None,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
     n: int = 1,
+    seed: int | None = None,
     stop: Sequence[str] = (),
+    **sampling: Any,
 ) -> Generation:
-    """Queue a generation; a refusal is raised as the `api`'s error (HTTPException or OpenAIError)."""
+    """Queue a generation for `owner` (see `GenerationWorker.submit`; `sampling` holds the other fields of
+    `dialoop.engine.SamplingParams`); a refusal is raised as the `api`'s error (HTTPException or
+    OpenAIError)."""
     try:
         return await worker.submit(
             messages,
+            text=text,
             model=model,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
             n=n,
+            owner=owner,
+            max_tokens=max_tokens,
+            seed=seed,
             stop=stop,
+            **sampling,
         )
     except (QueueFull, UnknownModel, ValueError) as exc:
         raise (openai_error(exc) if api == "openai" else http_error(exc)) from exc
+
+
+def owner_of(user_id: int) -> str:
+    """The engine's owner of a user's requests: admission is fair across owners."""
+    return f"user:{user_id}"
 
 
 def sse(payload: dict[str, Any] | str) -> str:

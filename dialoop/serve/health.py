@@ -2,7 +2,8 @@
 
 GET /healthz  -> 200 {"status": "ok"} whenever the process answers
 GET /readyz   -> 200 {"status": "ready"} when the store answers and the worker has the served model
-                 loaded; else 503 {"status": "unavailable", "reason": "..."}
+                 loaded (with --inference-url: when the remote backend runs);
+                 else 503 {"status": "unavailable", "reason": "..."}
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from dialoop.serve.deps import EngineDep, RegistryDep, WorkerDep
+from dialoop.serve.remote import RemoteBackend
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ async def readyz(engine: EngineDep, registry: RegistryDep, worker: WorkerDep) ->
         return _unavailable(f"the store does not answer: {type(exc).__name__}")
     if not worker.running:
         return _unavailable("the generation worker is not running")
+    if isinstance(worker, RemoteBackend):  # generation happens upstream: no model here
+        return JSONResponse({"status": "ready"})
     if registry.served not in registry.loaded():
         return _unavailable(f"model `{registry.served}` is not loaded yet")
     return JSONResponse({"status": "ready"})

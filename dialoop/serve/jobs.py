@@ -4,6 +4,12 @@
     job = await jobs.start(iteration_knobs({"ppo_steps": 20}), started_by="root")
     jobs.progress(job)                                # stages, steps, metrics, ETA, log tail (polled)
     jobs.cancel(job.id)                               # SIGINT: the run is marked failed, resumes next time
+    await jobs.resume(job.id, started_by="root")      # a new job with the same settings, continuing the run
+
+Jobs are rows of the store's `admin_jobs`, so every server process lists the same jobs and they outlive a
+restart. The process that started a job owns it: it watches the child, writes its outcome and beats a
+heartbeat into the row. A job whose owner stopped (a restart, a crash) shows as `interrupted`: at a clean
+shutdown the owner says so itself; after a crash, other processes see the heartbeat go stale.
 
 The child is the real CLI on the server's store and home, in its own process group, so that cancelling
 stops its whole tree and a crash of either side leaves the other alone. Progress is read from the files
@@ -19,11 +25,13 @@ import asyncio
 import atexit
 import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -37,14 +45,14 @@ from typing import Any
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, create_model
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from dialoop.iteration import PROGRESS_FILE, STAGES, IterationKnobs, IterationProgress
 from dialoop.run_metrics import METRICS_FILE
 from dialoop.serve.models import ModelRegistry
 from dialoop.settings import settings
 from dialoop.store.db import session_scope
-from dialoop.store.models import ModelVersion
+from dialoop.store.models import AdminJob, ModelVersion, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,9 @@ _CLI = (
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _SHOWN_METRICS = ("loss", "accuracy", "score", "kl", "reply_length")
 _LOG_TAIL_BYTES = 64_000
+HEARTBEAT_S = 5.0  # how often the owning process marks a running job alive
+STALE_S = 30.0  # a running job whose heartbeat is older than this lost its server: it is interrupted
+INTERRUPTED = "interrupted: the server stopped while it ran; resume it to continue where it stopped"
 
 
 def _settings_model() -> type[BaseModel]:
@@ -85,13 +96,18 @@ def iteration_knobs(values: Mapping[str, Any]) -> IterationKnobs:
 
 
 def cli_args(knobs: IterationKnobs) -> list[str]:
-    """The options of `dialoop iterate` for `knobs` (`--name=value`, so no value is read as an option); the
-    child never deploys, so `deploy` is left out."""
-    return [
-        f"--{name.replace('_', '-')}={value}"
-        for name, value in dataclasses.asdict(knobs).items()
-        if name != "deploy" and value is not None
-    ]
+    """The options of `dialoop iterate` for `knobs` (`--name=value`, so no value is read as an option;
+    booleans as `--name`/`--no-name`); the child never deploys, so `deploy` is left out."""
+    args = []
+    for name, value in dataclasses.asdict(knobs).items():
+        flag = name.replace("_", "-")
+        if name == "deploy" or value is None:
+            continue
+        if isinstance(value, bool):
+            args.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            args.append(f"--{flag}={value}")
+    return args
 
 
 class JobRunning(RuntimeError):
@@ -107,7 +123,7 @@ class IterationJob:
     started_by: str
     log_path: Path
     started_at: float = field(default_factory=time.time)
-    status: str = "running"  # running | done | failed | cancelled
+    status: str = "running"  # running | done | failed | cancelled | interrupted
     finished_at: float | None = None
     returncode: int | None = None
     error: str | None = None
@@ -115,8 +131,10 @@ class IterationJob:
     policy_version: str | None = None  # the new policy's version name, once done
     served: bool = False  # the server switched to it
     cancel_requested: bool = False
-    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    resumed_from: int | None = None
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)  # set in the owning process
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+    heartbeat_sent: float = field(default_factory=time.time, repr=False)
 
 
 def _tail(path: Path, max_bytes: int = _LOG_TAIL_BYTES) -> str:
@@ -175,8 +193,28 @@ def _stage_training(stage_dir: Path) -> dict[str, Any]:
     return out
 
 
+def _job_of_row(row: AdminJob) -> IterationJob:
+    return IterationJob(
+        id=row.id,
+        settings=IterationKnobs(**row.settings),
+        started_by=row.started_by,
+        log_path=Path(row.log_path),
+        started_at=row.started_at.replace(tzinfo=datetime.UTC).timestamp(),
+        status=row.status,
+        finished_at=row.finished_at.replace(tzinfo=datetime.UTC).timestamp() if row.finished_at else None,
+        returncode=row.returncode,
+        error=row.error,
+        iteration=row.iteration,
+        policy_version=row.policy_version,
+        served=row.served,
+        cancel_requested=row.cancel_requested,
+        resumed_from=row.resumed_from,
+    )
+
+
 class JobManager:
-    """The server's iteration jobs: at most one runs at a time; finished ones stay listed."""
+    """The server's iteration jobs, kept in the store: at most one runs at a time; finished ones stay
+    listed, across restarts and on every server process."""
 
     def __init__(
         self, engine: Engine, registry: ModelRegistry, *, home: Path, work_dir: Path, grace_s: float = 60.0
@@ -186,22 +224,50 @@ class JobManager:
         self.home = home
         self.work_dir = work_dir
         self.grace_s = grace_s  # after a cancel, how long the child may take to stop before SIGKILL
-        self.jobs: dict[int, IterationJob] = {}
+        self.jobs: dict[int, IterationJob] = {}  # the jobs this process started (it owns them)
         self._lock = threading.Lock()
         atexit.register(_shutdown_at_exit, weakref.ref(self))  # weak: an app that is gone is not kept alive
 
+    def _rows(self, *where: Any) -> list[IterationJob]:
+        """Jobs from the store, newest first; a running job of a lost server is marked interrupted."""
+        stale = utcnow() - datetime.timedelta(seconds=STALE_S)
+        with session_scope(self.engine) as session:
+            rows = list(session.scalars(select(AdminJob).where(*where).order_by(AdminJob.id.desc())))
+            for row in rows:
+                if row.status == "running" and row.id not in self.jobs and row.heartbeat_at < stale:
+                    row.status, row.error, row.finished_at = "interrupted", INTERRUPTED, utcnow()
+                    log.warning("iteration job %d lost its server: interrupted", row.id)
+        return [self.jobs.get(row.id) or _job_of_row(row) for row in rows]
+
+    def _save(self, job: IterationJob, **extra: Any) -> None:
+        """Write what became of `job` (this process owns it) to its row."""
+        with session_scope(self.engine) as session:
+            row = session.get(AdminJob, job.id)
+            if row is None:
+                return
+            row.status, row.returncode, row.error = job.status, job.returncode, job.error
+            row.iteration, row.policy_version, row.served = job.iteration, job.policy_version, job.served
+            row.finished_at = (
+                datetime.datetime.fromtimestamp(job.finished_at, datetime.UTC).replace(tzinfo=None)
+                if job.finished_at
+                else None
+            )
+            row.heartbeat_at = utcnow()
+            for key, value in extra.items():
+                setattr(row, key, value)
+
     def running(self) -> IterationJob | None:
-        return next((j for j in self.jobs.values() if j.status == "running"), None)
+        return next(iter(self._rows(AdminJob.status == "running")), None)
 
     def get(self, job_id: int) -> IterationJob:
-        job = self.jobs.get(job_id)
-        if job is None:
+        found = self._rows(AdminJob.id == job_id)
+        if not found:
             raise LookupError(f"no iteration job {job_id}")
-        return job
+        return found[0]
 
     def list(self) -> list[IterationJob]:
-        """Every job of this server run, newest first."""
-        return sorted(self.jobs.values(), key=lambda j: j.id, reverse=True)
+        """Every job, newest first."""
+        return self._rows()
 
     def _child_env(self) -> dict[str, str]:
         return {
@@ -213,12 +279,29 @@ class JobManager:
             "NO_COLOR": "1",
         }
 
-    async def start(self, iteration: IterationKnobs, started_by: str) -> IterationJob:
+    async def start(
+        self, iteration: IterationKnobs, started_by: str, resumed_from: int | None = None
+    ) -> IterationJob:
         """Start `dialoop iterate` with these settings; JobRunning when one is running already."""
+        job = await asyncio.to_thread(self._start, iteration, started_by, resumed_from)
+        job.watcher = asyncio.create_task(self._watch(job), name=f"dialoop-iteration-job-{job.id}")
+        return job
+
+    def _start(self, iteration: IterationKnobs, started_by: str, resumed_from: int | None) -> IterationJob:
         with self._lock:
             if self.running() is not None:
                 raise JobRunning("an iteration is running already: wait for it to end, or cancel it")
-            job_id = max(self.jobs, default=0) + 1
+            with session_scope(self.engine) as session:
+                row = AdminJob(
+                    settings=dataclasses.asdict(iteration),
+                    started_by=started_by,
+                    log_path="",
+                    host=socket.gethostname(),
+                    resumed_from=resumed_from,
+                )
+                session.add(row)
+                session.flush()
+                job_id = row.id
             logs = self.home / "jobs"
             logs.mkdir(parents=True, exist_ok=True)
             log_path = logs / f"iterate-{time.strftime('%Y%m%d-%H%M%S')}-{job_id}.log"
@@ -240,15 +323,33 @@ class JobManager:
                     env=self._child_env(),
                     start_new_session=True,  # its own process group: cancel reaches all its processes
                 )
-            job = IterationJob(job_id, iteration, started_by, log_path, process=process)
+            job = IterationJob(
+                job_id, iteration, started_by, log_path, process=process, resumed_from=resumed_from
+            )
             self.jobs[job_id] = job
+            self._save(job, log_path=str(log_path), pid=process.pid)
         log.info("iteration job %d started by %s (pid %d): %s", job_id, started_by, process.pid, log_path)
-        job.watcher = asyncio.create_task(self._watch(job), name=f"dialoop-iteration-job-{job_id}")
         return job
+
+    async def resume(self, job_id: int, started_by: str) -> IterationJob:
+        """Start again a job that did not finish (interrupted, cancelled, failed) with its settings: the
+        iteration continues from its last checkpoint. ValueError for a running or finished job."""
+        old = await asyncio.to_thread(self.get, job_id)
+        if old.status in ("running", "done"):
+            raise ValueError(f"iteration job {job_id} is {old.status}: there is nothing to resume")
+        return await self.start(old.settings, started_by, resumed_from=job_id)
 
     async def _watch(self, job: IterationJob) -> None:
         assert job.process is not None
-        job.returncode = await asyncio.to_thread(job.process.wait)
+        while job.process.poll() is None:
+            await asyncio.sleep(min(HEARTBEAT_S, 0.5))
+            if time.time() - job.heartbeat_sent >= HEARTBEAT_S:
+                job.heartbeat_sent = time.time()
+                await asyncio.to_thread(self._beat, job)
+        job.returncode = job.process.returncode
+        if job.status == "interrupted":  # the server is stopping: shutdown() said so already
+            return
+        job.cancel_requested = job.cancel_requested or await asyncio.to_thread(self._cancel_asked, job.id)
         self._find_iteration(job)
         if job.returncode == 0:
             try:
@@ -264,7 +365,19 @@ class JobManager:
             job.status = "failed"
             job.error = self._error_of(job)
         job.finished_at = time.time()
+        await asyncio.to_thread(self._save, job)
         log.info("iteration job %d %s (exit code %s)", job.id, job.status, job.returncode)
+
+    def _beat(self, job: IterationJob) -> None:
+        with session_scope(self.engine) as session:
+            row = session.get(AdminJob, job.id)
+            if row is not None and row.status == "running":
+                row.heartbeat_at = utcnow()
+
+    def _cancel_asked(self, job_id: int) -> bool:
+        with session_scope(self.engine) as session:
+            row = session.get(AdminJob, job_id)
+            return bool(row is not None and row.cancel_requested)
 
     async def _finish(self, job: IterationJob) -> None:
         """Record the new policy's version name and, if asked, serve it."""
@@ -294,11 +407,24 @@ class JobManager:
         return lines[-1] if lines else f"dialoop iterate exited with code {job.returncode}"
 
     def cancel(self, job_id: int) -> IterationJob:
-        """Interrupt a running job (SIGINT, then SIGKILL after `grace_s`); ValueError when not running."""
+        """Interrupt a running job (SIGINT, then SIGKILL after `grace_s`); ValueError when not running.
+
+        A job another server process owns (on this host) gets the SIGINT too; its owner records the end."""
         job = self.get(job_id)
-        if job.status != "running" or job.process is None:
+        if job.status != "running":
             raise ValueError(f"iteration job {job_id} is {job.status}, not running")
         job.cancel_requested = True
+        with session_scope(self.engine) as session:
+            row = session.get(AdminJob, job_id)
+            assert row is not None
+            row.cancel_requested = True
+            pid, host = row.pid, row.host
+        if job.process is None:
+            if pid is None or host != socket.gethostname():
+                raise ValueError(f"iteration job {job_id} runs on {host}: cancel it there")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGINT)
+            return job
         process = job.process
         self._signal(process, signal.SIGINT)
 
@@ -318,10 +444,12 @@ class JobManager:
             os.killpg(process.pid, sig)
 
     def shutdown(self) -> None:
-        """Stop running children (the server is exiting); an interrupted iteration resumes next time."""
+        """Stop running children (the server is exiting): their jobs are `interrupted`, to be resumed."""
         for job in self.jobs.values():
             if job.process is not None and job.process.poll() is None:
-                job.cancel_requested = True
+                job.status, job.error, job.finished_at = "interrupted", INTERRUPTED, time.time()
+                with contextlib.suppress(Exception):  # the store may be gone: others will see it stale
+                    self._save(job)
                 self._signal(job.process, signal.SIGINT)
                 try:
                     job.process.wait(timeout=self.grace_s)
@@ -377,6 +505,7 @@ class JobManager:
             "returncode": job.returncode,
             "policy_version": job.policy_version,
             "served": job.served,
+            "resumed_from": job.resumed_from,
             "settings": dataclasses.asdict(job.settings),
             "stages": stages,
             "log_tail": "\n".join(_tail(job.log_path).splitlines()[-40:]),

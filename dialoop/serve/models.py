@@ -163,6 +163,10 @@ class ModelRegistry:
                 return ModelEntry(v.name, v.path, v.id, v.created_at)
         raise UnknownModel(f"The model `{name}` does not exist")
 
+    def is_loaded(self, lm: LoadedModel) -> bool:
+        """Whether `lm` is still the registry's copy of its model (not evicted or replaced)."""
+        return self._loaded.get(lm.name) is lm
+
     def loaded(self) -> list[str]:
         """Names of the models in memory now."""
         return list(self._loaded)

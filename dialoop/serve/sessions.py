@@ -2,7 +2,9 @@
 
 Every browser gets one HMAC-signed, HttpOnly, SameSite=Lax cookie holding a random session id and, once
 logged in, the user id (Secure when the request came over TLS). The session id is replaced at login and
-logout, so a token seen before login is useless after it. The CSRF token is an HMAC of the session id:
+logout, so a token seen before login is useless after it; the ended id is kept in the shared state
+(`dialoop.store.webstate`: the store, or Redis), so a copy of a logged-out cookie stays dead after a restart
+and on every server process. The CSRF token is an HMAC of the session id:
 pages put it in `<meta name="csrf-token">` and in forms, and `csrf_protect` checks it on every
 state-changing request.
 """
@@ -17,32 +19,36 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from dialoop.settings import WebSettings, settings
 from dialoop.store.models import User
+from dialoop.store.webstate import WebState, web_state
 
 log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "dialoop_session"
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
+DEVICE_COOKIE = "dialoop_device"
+DEVICE_DAYS = 365
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 @dataclass
 class AuthState:
-    """Per-app state: settings, the signing key, ended sessions, recent failed logins."""
+    """Per-app state: settings, the signing key, and the state shared by every process (ended sessions,
+    login failures)."""
 
     config: WebSettings
     key: bytes
-    ended: dict[str, float] = field(default_factory=dict)  # session id -> when its cookie would expire
-    failures: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    shared: WebState
 
 
 def _load_key(config: WebSettings) -> bytes:
@@ -67,15 +73,16 @@ def auth_state(request: Request) -> AuthState:
     """The app's session state, made from the settings' web knobs unless `configure_auth` set it."""
     state: AuthState | None = getattr(request.app.state, "auth", None)
     if state is None:
-        config = settings().web
-        state = AuthState(config=config, key=_load_key(config))
-        request.app.state.auth = state
+        configure_auth(request.app, settings().web)
+        state = request.app.state.auth
     return state
 
 
-def configure_auth(app: Any, config: WebSettings) -> None:
-    """Use `config` for `app` instead of the settings' web knobs (tests, embedding)."""
-    app.state.auth = AuthState(config=config, key=_load_key(config))
+def configure_auth(app: Any, config: WebSettings, redis_url: str | None = None) -> None:
+    """Use `config` for `app` instead of the settings' web knobs (tests, embedding); the shared state is in
+    Redis at `redis_url` (default: the settings' `redis_url`), else in the app's store."""
+    shared = web_state(app.state.engine, redis_url or settings().redis_url)
+    app.state.auth = AuthState(config=config, key=_load_key(config), shared=shared)
 
 
 @dataclass(frozen=True)
@@ -128,19 +135,28 @@ def _decode(state: AuthState, value: str) -> WebSession | None:
         sid, user_id, fingerprint, issued = json.loads(_unb64(payload))
     except ValueError:
         return None
-    if time.time() - issued > state.config.session_hours * 3600 or sid in state.ended:
+    if time.time() - issued > state.config.session_hours * 3600 or state.shared.session_revoked(sid):
         return None
     return WebSession(sid=sid, user_id=user_id, fingerprint=fingerprint, issued=issued)
 
 
 def web_session(request: Request) -> WebSession:
-    """This request's session from its cookie, or a new anonymous one (see `apply_session_cookie`)."""
+    """This request's session from its cookie, or a new anonymous one (see `apply_session_cookie`).
+
+    The first call of a request asks the shared state whether the cookie's session was ended: call it from
+    a thread (sync routes and dependencies), or await `web_session_async` on the event loop."""
     ws: WebSession | None = getattr(request.state, "web_session", None)
     if ws is None:
         raw = request.cookies.get(SESSION_COOKIE)
         ws = (_decode(auth_state(request), raw) if raw else None) or WebSession.fresh()
         request.state.web_session = ws
     return ws
+
+
+async def web_session_async(request: Request) -> WebSession:
+    """`web_session` for async code: the shared state is asked in a worker thread."""
+    ws: WebSession | None = getattr(request.state, "web_session", None)
+    return ws if ws is not None else await run_in_threadpool(web_session, request)
 
 
 def is_https(request: Request) -> bool:
@@ -177,13 +193,46 @@ def replace_session(request: Request, user: User | None) -> WebSession:
     state = auth_state(request)
     old = web_session(request)
     if not old.new:
-        state.ended[old.sid] = old.issued + state.config.session_hours * 3600
-    now = time.time()
-    state.ended = {sid: until for sid, until in state.ended.items() if until > now}
+        state.shared.revoke_session(old.sid, old.issued + state.config.session_hours * 3600)
     ws = WebSession.fresh(user)
     request.state.web_session = ws
     set_user(request, user)
     return ws
+
+
+def device_id(request: Request, name: str) -> str | None:
+    """The id of this browser when its device cookie says `name` logged in on it before, else None.
+
+    The cookie is signed: a device id cannot be made up. Login throttling treats a known device apart from
+    its address, so that failures of others cannot lock a user out of a browser they have used."""
+    raw = request.cookies.get(DEVICE_COOKIE)
+    if not raw:
+        return None
+    payload, _, signature = raw.partition(".")
+    if not hmac.compare_digest(signature, _sign(auth_state(request).key, "device", payload)):
+        return None
+    try:
+        owner, device, issued = json.loads(_unb64(payload))
+    except ValueError:
+        return None
+    if owner != name.lower() or time.time() - issued > DEVICE_DAYS * 86400:
+        return None
+    return str(device)
+
+
+def set_device_cookie(request: Request, response: Response, name: str) -> None:
+    """Remember on this browser that `name` logged in on it (see `device_id`)."""
+    device = device_id(request, name) or secrets.token_urlsafe(12)
+    payload = _b64(json.dumps([name.lower(), device, int(time.time())]).encode())
+    response.set_cookie(
+        DEVICE_COOKIE,
+        f"{payload}.{_sign(auth_state(request).key, 'device', payload)}",
+        max_age=DEVICE_DAYS * 86400,
+        path="/login",
+        httponly=True,
+        samesite="strict",
+        secure=is_https(request),
+    )
 
 
 def csrf_token(request: Request) -> str:
@@ -195,7 +244,7 @@ async def csrf_protect(request: Request) -> None:
     """Reject (403) a state-changing request whose CSRF token (header or form field) is missing or wrong."""
     if request.method in SAFE_METHODS:
         return
-    ws = web_session(request)
+    ws = await web_session_async(request)
     sent = request.headers.get(CSRF_HEADER)
     if sent is None and request.headers.get("content-type", "").startswith(
         ("application/x-www-form-urlencoded", "multipart/form-data")

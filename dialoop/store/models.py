@@ -1,4 +1,5 @@
-"""SQLAlchemy 2 tables: users, message trees, comparison tasks, rankings, feedback, models, runs."""
+"""SQLAlchemy 2 tables: users, message trees, comparison tasks, rankings, feedback, models, runs, and the
+web server's shared state (ended sessions, login failures, admin jobs)."""
 
 from __future__ import annotations
 
@@ -210,3 +211,60 @@ class Feedback(Base):
     other_message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
     score: Mapped[float | None] = mapped_column(Float, default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class RevokedSession(Base):
+    """A web session id that was ended (logout, login rotation) before its cookie would expire."""
+
+    __tablename__ = "revoked_sessions"
+
+    sid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)  # after it the cookie is dead anyway
+
+
+class LoginFailure(Base):
+    """A failed login: by name, by client (the device cookie's id, else the address) and by address."""
+
+    __tablename__ = "login_failures"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), index=True)  # lower-cased, as typed (may be no user)
+    client: Mapped[str] = mapped_column(String(64))  # "device:<id>" or "ip:<address>"
+    ip: Mapped[str] = mapped_column(String(64), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
+class KnownLogin(Base):
+    """An address a user has logged in from: failures of others elsewhere do not slow them down there."""
+
+    __tablename__ = "known_logins"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    ip: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class AdminJob(Base):
+    """A job started from the admin pages (an iteration): its settings, owner process and outcome."""
+
+    __tablename__ = "admin_jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), default="iterate")
+    settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    started_by: Mapped[str] = mapped_column(String(100))
+    log_path: Mapped[str] = mapped_column(Text)
+    # running | done | failed | cancelled | interrupted (the server stopped while it ran)
+    status: Mapped[str] = mapped_column(String(16), default="running", index=True)
+    pid: Mapped[int | None] = mapped_column(Integer, default=None)  # the child's process (group)
+    host: Mapped[str] = mapped_column(String(255), default="")
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)  # the owning server is alive
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, default=None)
+    returncode: Mapped[int | None] = mapped_column(Integer, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    iteration: Mapped[int | None] = mapped_column(Integer, default=None)
+    policy_version: Mapped[str | None] = mapped_column(String(200), default=None)
+    served: Mapped[bool] = mapped_column(Boolean, default=False)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    resumed_from: Mapped[int | None] = mapped_column(Integer, default=None)

@@ -20,8 +20,11 @@ API for a stage (`sft.py` is the complete example):
   kind=)` to metrics.jsonl + TensorBoard, rich progress bar with ETA.
 - `dialoop.train.fit.make_optimizer(config, model, num_steps)` (AdamW + cosine with warm-up) and
   `fit(...)`: the supervised loop of SFT and the RM built from the pieces above.
-- Models: `resolve_base_model(path_or_None)`, `load_training_tokenizer`, `load_causal_lm_for_training`,
-  `disable_dropout`, `freeze_lower_layers(model, n)`. Data: the caller hands the stage its records
+- Models: `resolve_base_model(path_or_None)`, `load_training_tokenizer(path, chat_template)`,
+  `load_causal_lm_for_training` (4-bit with --load-in-4bit), `disable_dropout`,
+  `freeze_lower_layers(model, n)`,
+  `enable_gradient_checkpointing`, `add_lora(model, config, head)` and `merge_lora` (adapters to RUN/adapter,
+  merged weights to the run dir). Data: the caller hands the stage its records
   (`dialoop.records`); `dialoop.train.data.split_heldout`.
 """
 
@@ -32,7 +35,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -42,9 +45,23 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from peft import (
+    LoraConfig,
+    get_peft_model,
+    get_peft_model_state_dict,
+    prepare_model_for_kbit_training,
+    set_peft_model_state_dict,
+)
 
 from dialoop.atomic import write_atomic
-from dialoop.modeling import autocast_dtype, load_causal_lm, load_tokenizer, pick_device, resolve_model
+from dialoop.modeling import (
+    autocast_dtype,
+    load_causal_lm,
+    load_tokenizer,
+    pick_device,
+    resolve_model,
+)
+from dialoop.modeling.export import ADAPTER_DIR
 from dialoop.modeling.trunk import input_embeddings, transformer_blocks
 from dialoop.settings import settings
 from dialoop.train.config import PRECISIONS, TrainConfig
@@ -199,14 +216,75 @@ def resolve_base_model(path_or_id: str | Path | None) -> str:
     return str(resolve_model(path_or_id))
 
 
-def load_training_tokenizer(path: str | Path) -> Any:
-    """The tokenizer of a model, with dialoop's EOS/pad rules."""
-    return load_tokenizer(path)
+def load_training_tokenizer(path: str | Path, chat_template: str | Path | None = None) -> Any:
+    """The tokenizer of a model, with dialoop's EOS/pad rules; `chat_template` (a Jinja file) replaces its
+    template (a base model without one gets ChatML)."""
+    return load_tokenizer(path, chat_template=chat_template)
 
 
-def load_causal_lm_for_training(path: str | Path) -> torch.nn.Module:
-    """A causal LM with fp32 master weights on the CPU (accelerate moves it), in train mode."""
-    return load_causal_lm(path, dtype=torch.float32, device="cpu").train()
+def load_causal_lm_for_training(
+    path: str | Path, tokenizer: Any = None, *, config: TrainConfig | None = None
+) -> torch.nn.Module:
+    """A causal LM with fp32 master weights on the CPU (accelerate moves it), in train mode.
+
+    With `config.load_in_4bit` (QLoRA) the frozen base weights are 4-bit on the GPU instead.
+    """
+    if config is not None and config.load_in_4bit:
+        model = load_causal_lm(path, tokenizer=tokenizer, quantize_4bit=True)
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False).train()
+    return load_causal_lm(path, dtype=torch.float32, device="cpu", tokenizer=tokenizer).train()
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Recompute each block's activations in the backward pass (non-reentrant: frozen inputs are fine)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def add_lora(model: torch.nn.Module, config: TrainConfig, head: str | None = None) -> torch.nn.Module:
+    """Wrap `model` in LoRA adapters of rank `config.lora_r` on `config.lora_target`; `head` (a module name,
+    e.g. the reward model's `score`) is trained in full alongside them."""
+    names = config.lora_target
+    target = names if names == "all-linear" else [t.strip() for t in names.split(",") if t.strip()]
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=target,
+        modules_to_save=[head] if head else None,
+    )
+    try:
+        wrapped = get_peft_model(model, lora)  # type: ignore[arg-type]
+    except ValueError as exc:  # e.g. a --lora-target that names no module of this architecture
+        raise ValueError(f"--lora-target {names!r}: {exc}") from exc
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in wrapped.parameters())
+    logger.info("LoRA r=%d on %s: %d of %d parameters train", config.lora_r, names, trainable, total)
+    return wrapped
+
+
+def merge_lora(
+    model: Any,
+    run_dir: Path,
+    *,
+    main_process: bool,
+    full_precision_base: Callable[[], torch.nn.Module] | None = None,
+) -> Any:
+    """Write a peft model's adapters to RUN/adapter (main process) and return the model with them merged
+    into its base weights; any other model is returned as it is.
+
+    `full_precision_base` (QLoRA: the base is 4-bit) builds a full-precision copy of the base model that the
+    adapters (and trained heads) are merged into instead.
+    """
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    if main_process:
+        model.save_pretrained(run_dir / ADAPTER_DIR)
+    if full_precision_base is None:
+        return model.merge_and_unload()
+    trained = get_peft_model_state_dict(model)
+    copy = get_peft_model(full_precision_base(), model.peft_config["default"])  # type: ignore[arg-type]
+    set_peft_model_state_dict(copy, trained)
+    return copy.merge_and_unload()
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

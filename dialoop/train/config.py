@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 PRECISIONS = ("auto", "bf16", "fp32")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "none")  # accelerate's trackers `--report-to` may name
 
 
 @dataclass
@@ -28,9 +29,16 @@ class TrainConfig:
         default=None, metadata={"help": "Model to start from (dir or hub id; default: the embedded default)."}
     )
     data: Path | None = field(
-        default=None, metadata={"help": "Read the data from this file instead of the store."}
+        default=None,
+        metadata={
+            "help": "Read the data from this source instead of the store: a JSONL or Parquet file, a "
+            "dataset saved with `datasets`' save_to_disk, or a hub dataset id (when online)."
+        },
     )
-    format: str | None = field(default=None, metadata={"help": "Format of --data (see `dialoop import`)."})
+    format: str | None = field(
+        default=None,
+        metadata={"help": "Format of --data (see `dialoop import`; default: told from its columns)."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of every RNG and of the data order."})
     precision: str = field(
         default="auto", metadata={"help": "auto (bf16 where the hardware has it), bf16 or fp32."}
@@ -71,8 +79,35 @@ class TrainConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations to save memory."}
     )
+    chat_template: Path | None = field(
+        default=None,
+        metadata={
+            "help": "Jinja chat template file replacing the model's (default: the model's own; ChatML for "
+            "a base model without one)."
+        },
+    )
+    lora_r: int = field(
+        default=0, metadata={"help": "LoRA rank of the trained models (0: full fine-tuning)."}
+    )
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_target: str = field(
+        default="all-linear", metadata={"help": "Modules LoRA adapts (comma-separated names or all-linear)."}
+    )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "QLoRA: hold the frozen base weights in 4 bits (needs --lora-r, CUDA, bitsandbytes)."
+        },
+    )
     num_threads: int = field(default=0, metadata={"help": "CPU threads for torch; 0: torch's default."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+    report_to: str = field(
+        default="tensorboard",
+        metadata={
+            "help": "Trackers of the metrics, comma-separated: tensorboard, wandb, mlflow, or none "
+            "(RUN/metrics.jsonl is always written)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -80,12 +115,19 @@ class TrainConfig:
         for name in ("batch_size", "micro_batch_size", "max_length", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.data is not None and self.format is None:
-            raise ValueError("--data needs --format")
+        for tracker in self.report_to.split(","):
+            if tracker.strip() not in TRACKERS:
+                raise ValueError(f"report_to: unknown tracker {tracker!r}: choose from {', '.join(TRACKERS)}")
         if self.out is not None:
             self.out = Path(self.out)
         if self.data is not None:
             self.data = Path(self.data)
+        if self.chat_template is not None:
+            self.chat_template = Path(self.chat_template)
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
+        if self.load_in_4bit and self.lora_r == 0:
+            raise ValueError("--load-in-4bit (QLoRA) trains LoRA adapters: give --lora-r too")
 
     def to_json(self) -> dict[str, Any]:
         """The config as JSON-ready values (paths as strings)."""

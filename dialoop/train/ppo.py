@@ -55,7 +55,13 @@ from dialoop.train.losses import KLController
 from dialoop.train.metrics import MetricsLogger
 from dialoop.train.ppo_attention import use_fp32_attention, wants_fp32_attention
 from dialoop.train.ppo_config import PPOConfig
-from dialoop.train.rollout import RewardFn, compute_advantages, sample_rollouts, score_rollouts
+from dialoop.train.rollout import (
+    RewardFn,
+    compute_advantages,
+    rollout_engine,
+    sample_rollouts,
+    score_rollouts,
+)
 from dialoop.train.strategy import Strategy, make_strategy
 
 __all__ = ["PPOConfig", "PPOModels", "PPORun", "load_ppo_models", "train_ppo"]
@@ -234,6 +240,20 @@ class PPORun:
             trunk=self.trunk,
             demonstrations=demonstrations,
         )
+        # the engine samples from the sampler copy or the (unwrapped) policy itself, whose weights the updates
+        # change in place: it is built once
+        generator = (
+            self.sampler
+            if self.sampler is not None
+            else strategy.accelerator.unwrap_model(self.learner.policy)
+        )
+        self.engine = rollout_engine(
+            generator,
+            rows=self.learner.local_batch,
+            max_prompt_len=max(len(p) for p in self.prompt_ids),
+            config=config,
+            eos_ids=self.eos_ids,
+        )
         self.state = TrainState()
 
     def _trunk_cache(self, models: PPOModels) -> TrunkCache | None:
@@ -278,12 +298,11 @@ class PPORun:
         # the sampler copy is already in the compute dtype; the policy itself samples under autocast
         with strategy.accelerator.autocast() if self.sampler is None else nullcontext():
             exp = sample_rollouts(
-                self.sampler if self.sampler is not None else learner.policy,
+                self.engine,
                 prompts,
                 config=config,
                 step=step,
                 first_row=strategy.process_index * learner.local_batch,
-                eos_ids=self.eos_ids,
                 pad_id=self.pad_id,
                 device=strategy.device,
             )

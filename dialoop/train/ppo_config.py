@@ -113,11 +113,6 @@ class PPOConfig(TrainConfig):
     ema_decay: float = field(
         default=0.0, metadata={"help": "Keep an EMA of the policy weights and write it at the end; 0: off."}
     )
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank of policy and value (0: full fine-tuning)."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    lora_target: str = field(
-        default="all-linear", metadata={"help": "Modules LoRA adapts (comma-separated names or all-linear)."}
-    )
     checkpoint_every: int = field(
         default=20, metadata={"help": "Write a checkpoint every N PPO steps; 0: never."}
     )
@@ -150,5 +145,10 @@ class PPOConfig(TrainConfig):
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.kl_target is not None and self.kl_target <= 0:
             raise ValueError(f"kl_target must be > 0, got {self.kl_target}")
-        if self.lora_r < 0:
-            raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
+        if self.chat_template is not None:
+            raise ValueError(
+                "--chat-template is for train sft and rm: PPO uses the template saved with --model (the SFT "
+                "model), which its reward model shares"
+            )
+        if self.load_in_4bit:
+            raise ValueError("--load-in-4bit (QLoRA) is not supported by PPO yet: use --lora-r alone")

@@ -34,9 +34,12 @@ from dialoop.modeling.trunk import frozen_depth
 from dialoop.records import ChatExample, ChatMessage, RankingExample
 from dialoop.train.common import (
     SUMMARY_FILE,
+    add_lora,
     disable_dropout,
+    enable_gradient_checkpointing,
     freeze_lower_layers,
     load_training_tokenizer,
+    merge_lora,
     prepare_run_dir,
     resolve_base_model,
     seed_everything,
@@ -154,15 +157,24 @@ def train_reward_model(
     if not train:
         raise ValueError("no ranking with an ordered pair to train on")
     base = resolve_base_model(config.model)
-    tokenizer = load_training_tokenizer(base)
+    tokenizer = load_training_tokenizer(base, config.chat_template)
     pad_id = int(tokenizer.pad_token_id)
     encoded = [encode_ranking(tokenizer, r, config.max_length, all_bad_orders=with_bad) for r in train]
     logger.info("RM on %d rankings (%d held out), initialised from %s", len(train), len(heldout), base)
-    hf_model = reward_model_from_lm(base, dtype=torch.float32, device="cpu", tokenizer=tokenizer).train()
+    hf_model = reward_model_from_lm(
+        base, dtype=torch.float32, device="cpu", tokenizer=tokenizer, load_in_4bit=config.load_in_4bit
+    ).train()
     disable_dropout(hf_model)
-    freeze_lower_layers(hf_model, config.trainable_layers)
     if config.gradient_checkpointing:
-        hf_model.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(hf_model)
+    lora_model = None
+    if config.lora_r > 0:  # adapters on every block and a fully trained score head
+        strategy.check_lora(config.lora_r)
+        lora_model = add_lora(hf_model, config, head="score")
+        # the adapters and the head's trained copy live inside the HF model: the scorer runs it directly
+        hf_model = lora_model.get_base_model()  # type: ignore[operator]
+    else:
+        freeze_lower_layers(hf_model, config.trainable_layers)
     trunk = None
     if config.frozen_trunk_cache and not config.gradient_checkpointing:
         trunk = strategy.trunk_cache()
@@ -233,6 +245,18 @@ def train_reward_model(
     set_reward_bias(hf_model, bias)
     summary |= {"reward_bias": bias, "reference_replies": len(refs)}
 
+    if lora_model is not None:  # the adapters to RUN/adapter; the run dir holds the merged reward model
+        scorer = accelerator.unwrap_model(model)
+        rebuild = None
+        if config.load_in_4bit:  # QLoRA: merge into full-precision base weights, not the 4-bit ones
+
+            def rebuild() -> torch.nn.Module:
+                return reward_model_from_lm(base, dtype=torch.float32, device="cpu", tokenizer=tokenizer)
+
+        scorer.model = merge_lora(
+            lora_model, run_dir, main_process=accelerator.is_main_process, full_precision_base=rebuild
+        )
+        set_reward_bias(scorer.model, bias)
     strategy.save_model(model, tokenizer, run_dir)
     summary["wall_seconds"] = round(time.time() - started, 1)
     if accelerator.is_main_process:

@@ -1,7 +1,9 @@
 """Making PPO's experience: sample one reply per prompt, score it, and turn the scores into advantages.
 
-- `sample_rollouts`: replies from the policy (or its whole copy), seeded per row of the global batch
-  (`row_seed`), packed right-padded (`dialoop.modeling.scoring.Experience`);
+- `sample_rollouts`: replies from the policy (or its whole copy) through the generation engine
+  (`dialoop.engine`, built once by `rollout_engine` and kept across steps: the weights it reads are the
+  model's own, updated in place), seeded per row of the global batch (`row_seed`), packed right-padded
+  (`dialoop.modeling.scoring.Experience`);
 - `score_rollouts`: the reward (a frozen reward model, a function, or the value model with its LoRA adapters
   disabled), capped for replies without EOS (`apply_missing_eos_score`), the reference log-probs and, unless
   the learner's first pass gives them, the policy's log-probs and the values at sampling time;
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dialoop.modeling.generation import SamplingParams, sample
+from dialoop.engine import Engine, EngineConfig, SamplingParams
 from dialoop.modeling.scoring import Experience, pack_rollouts, response_logprobs, reward_model_scores
 from dialoop.modeling.trunk import TrunkCache
 from dialoop.train.losses import gae_advantages, kl_shaped_rewards, masked_moments, masked_whiten
@@ -61,25 +63,35 @@ def row_seed(seed: int, step: int, row: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + row) % 2**62
 
 
+def rollout_engine(
+    model: torch.nn.Module, *, rows: int, max_prompt_len: int, config: PPOConfig, eos_ids: Sequence[int]
+) -> Engine:
+    """An engine over `model` itself (no copy): `rows` replies at once, KV memory for the longest prompt plus
+    `max_new_tokens`. Whatever updates the model's weights in place, the next rollout samples from."""
+    max_len = max_prompt_len + config.max_new_tokens
+    return Engine(model, eos_token_ids=eos_ids, config=EngineConfig(max_rows=rows, max_len=max_len))
+
+
 def sample_rollouts(
-    generator: torch.nn.Module,
+    engine: Engine,
     prompts: Sequence[Sequence[int]],
     *,
     config: PPOConfig,
     step: int,
     first_row: int,
-    eos_ids: Sequence[int],
     pad_id: int,
     device: torch.device,
 ) -> Experience:
     """One reply per prompt (rows `first_row`.. of step `step`'s global batch), packed for scoring."""
     params = [
         SamplingParams(
-            config.max_new_tokens, config.temperature, seed=row_seed(config.seed, step, first_row + j)
+            max_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            seed=row_seed(config.seed, step, first_row + j),
         )
         for j in range(len(prompts))
     ]
-    completions = sample(generator, prompts, params, eos_token_ids=eos_ids, pad_token_id=pad_id)
+    completions = engine.generate(prompts, params)
     return pack_rollouts(prompts, completions, pad_id, device)
 
 

@@ -2,6 +2,7 @@
 
     dialoop train sft --out runs/sft                                    # demonstrations from the store
     dialoop train sft --data demos.jsonl --format messages --out runs/sft
+    dialoop train sft --model base-model-dir --lora-r 16 --out runs/sft  # LoRA; a base model gets ChatML
     accelerate launch --multi_gpu --num_processes 2 -m dialoop.cli train sft ...  # 2 processes, same curve
 
 Each conversation goes through the model's chat template; the target tokens of an assistant turn are its
@@ -26,10 +27,13 @@ import torch.nn.functional as F
 from dialoop.records import ChatExample, ChatMessage
 from dialoop.train.common import (
     SUMMARY_FILE,
+    add_lora,
     disable_dropout,
+    enable_gradient_checkpointing,
     freeze_lower_layers,
     load_causal_lm_for_training,
     load_training_tokenizer,
+    merge_lora,
     prepare_run_dir,
     resolve_base_model,
     seed_everything,
@@ -188,14 +192,18 @@ def train_sft(config: SFTConfig, examples: Sequence[ChatExample]) -> Path:
     run_dir = prepare_run_dir(config, "sft", accelerator)
     seed_everything(config.seed)
     base = resolve_base_model(config.model)
-    tokenizer = load_training_tokenizer(base)
+    tokenizer = load_training_tokenizer(base, config.chat_template)
     rows = build_rows(config, tokenizer, examples)
     logger.info("SFT on %d rows (%d target tokens)", len(rows), sum(r.num_targets for r in rows))
-    model = load_causal_lm_for_training(base)
+    model = load_causal_lm_for_training(base, tokenizer, config=config)
     disable_dropout(model)
-    freeze_lower_layers(model, config.trainable_layers)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()  # type: ignore[operator]
+        enable_gradient_checkpointing(model)
+    if config.lora_r > 0:
+        strategy.check_lora(config.lora_r)
+        model = add_lora(model, config)
+    else:
+        freeze_lower_layers(model, config.trainable_layers)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = accelerator.device
 
@@ -216,6 +224,16 @@ def train_sft(config: SFTConfig, examples: Sequence[ChatExample]) -> Path:
         run_dir=run_dir,
         description="SFT",
     )
+    if config.lora_r > 0:  # the adapters to RUN/adapter; the run dir holds the merged model
+        model = merge_lora(
+            accelerator.unwrap_model(model),
+            run_dir,
+            main_process=accelerator.is_main_process,
+            # QLoRA: the adapters are merged into full-precision base weights, not the 4-bit ones
+            full_precision_base=(lambda: load_causal_lm_for_training(base, tokenizer))
+            if config.load_in_4bit
+            else None,
+        )
     strategy.save_model(model, tokenizer, run_dir)
     if accelerator.is_main_process:
         write_json_atomic(

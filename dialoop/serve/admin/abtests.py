@@ -31,7 +31,7 @@ from dialoop.collect.tasks import skip_task
 from dialoop.evaluate.card import EvalConfig, eval_prompts
 from dialoop.serve.admin.common import AdminUser, TrainerUser, ab_router, admin_router, redirect
 from dialoop.serve.deps import RegistryDep, SessionDep, WorkerDep
-from dialoop.serve.generation import refusal_of
+from dialoop.serve.generation import owner_of, refusal_of
 from dialoop.serve.models import ModelRegistry, UnknownModel, version_id_of
 from dialoop.serve.pages import render
 from dialoop.serve.worker import GenerationWorker, QueueFull
@@ -87,6 +87,7 @@ async def _sample_pairs(
     max_tokens: int,
     temperature: float,
     seed: int,
+    owner: str,
 ) -> list[ABPair]:
     """Both versions' replies to every prompt through the server's worker, with the same seed per prompt."""
     pairs: list[ABPair] = []
@@ -97,6 +98,7 @@ async def _sample_pairs(
             await worker.submit(
                 [{"role": "user", "content": prompt}],
                 model=model,
+                owner=owner,
                 max_tokens=max_tokens,
                 temperature=temperature,
                 seed=seed + start + i,  # common random numbers: only the model differs within a pair
@@ -168,10 +170,11 @@ async def create_ab(
             max_tokens=max_tokens,
             temperature=temperature,
             seed=seed,
+            owner=owner_of(admin.id),
         )
     except (QueueFull, UnknownModel, ValueError) as exc:
         return refuse(str(exc), refusal_of(exc).status)
-    sampling = {"max_new_tokens": max_tokens, "temperature": temperature, "top_p": 1.0, "seed": seed}
+    sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": 1.0, "seed": seed}
     try:
         versions = _version_for(session, registry, version_a), _version_for(session, registry, version_b)
         test = create_ab_test(

@@ -56,10 +56,11 @@ def iterations_page(request: Request, session: SessionDep, registry: RegistryDep
 
 
 def _settings_from_form(form: dict[str, str]) -> IterationKnobs:
-    """The form's fields as knobs: blank fields keep their defaults, the deploy box is on when sent."""
-    fields = {k: v.strip() for k, v in form.items() if k in IterationSettings.model_fields and k != "deploy"}
+    """The form's fields as knobs: blank fields keep their defaults, a check box is on when sent."""
+    boxes = ("deploy", "rm_feedback")
+    fields = {k: v.strip() for k, v in form.items() if k in IterationSettings.model_fields and k not in boxes}
     given: dict[str, Any] = {k: v for k, v in fields.items() if v}
-    return iteration_knobs({**given, "deploy": "deploy" in form})
+    return iteration_knobs({**given, **{box: box in form for box in boxes}})
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -97,6 +98,19 @@ def job_progress(job_id: int, jobs: JobsDep) -> dict[str, Any]:
         return jobs.progress(jobs.get(job_id))
     except LookupError as exc:
         raise HTTPException(404, str(exc)) from exc
+
+
+@admin_router.post("/jobs/{job_id}/resume")
+async def resume_job(job_id: int, admin: AdminUser, jobs: JobsDep) -> RedirectResponse:
+    """Start an interrupted, cancelled or failed job again with its settings (it continues where it
+    stopped)."""
+    try:
+        job = await jobs.resume(job_id, started_by=admin.name)
+    except LookupError as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except (ValueError, JobRunning) as exc:
+        raise HTTPException(409, str(exc)) from exc
+    return redirect(f"/admin/iterations#job-{job.id}")
 
 
 @admin_router.post("/jobs/{job_id}/cancel")

@@ -17,14 +17,14 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from dialoop.collect.common import sampling_record
-from dialoop.modeling.generation import SamplingParams
+from dialoop.engine import SamplingParams
 from dialoop.records import ChatMessage
 from dialoop.serve.auth import CurrentUser
 from dialoop.serve.chat.common import chat_scope, message_in, message_json, own_conversation, router
 from dialoop.serve.chat.schemas import GenerationOptions, MessageIn
 from dialoop.serve.decoding import ChoiceEnd, Generation, TextDelta
 from dialoop.serve.deps import EngineDep, ServeSettingsDep, WorkerDep
-from dialoop.serve.generation import event_stream, live, sse, stop, submit
+from dialoop.serve.generation import event_stream, live, owner_of, sse, stop, submit
 from dialoop.serve.limits import check_max_tokens, check_text
 from dialoop.serve.models import ModelEntry, ModelRegistry, UnknownModel, version_id_of
 from dialoop.serve.worker import GenerationWorker
@@ -137,12 +137,17 @@ def _save_reply(
 
 
 async def _submit(
-    worker: GenerationWorker, limits: ServeSettings, prompt: list[ChatMessage], options: GenerationOptions
+    worker: GenerationWorker,
+    limits: ServeSettings,
+    user: User,
+    prompt: list[ChatMessage],
+    options: GenerationOptions,
 ) -> Generation:
     check_max_tokens(options.max_tokens, limits)
     return await submit(
         worker,
         prompt,
+        owner=owner_of(user.id),
         model=options.model,
         max_tokens=options.max_tokens,
         temperature=options.temperature,
@@ -231,7 +236,7 @@ async def post_message(
             return _prepare_post(session, user, conversation_id, body, limits)
 
     prepared = await run_in_threadpool(prepare)
-    generation = await _submit(worker, limits, prepared.prompt, body)
+    generation = await _submit(worker, limits, user, prepared.prompt, body)
     try:
         saved = await run_in_threadpool(_save_user_message, engine, user.id, conversation_id, body)
     except BaseException:
@@ -262,7 +267,7 @@ async def regenerate(
             return _prepare_reply(session, user, conversation_id, message_id)
 
     prepared = await run_in_threadpool(prepare)
-    generation = await _submit(worker, limits, prepared.prompt, body)
+    generation = await _submit(worker, limits, user, prepared.prompt, body)
     return _stream(request, user, generation, prepared, [])
 
 

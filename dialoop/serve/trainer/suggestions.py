@@ -19,7 +19,7 @@ from dialoop.collect.demonstrations import EDITABLE
 from dialoop.records import ChatMessage
 from dialoop.serve.decoding import ChoiceEnd, TextDelta
 from dialoop.serve.deps import EngineDep, RegistryDep, ServeSettingsDep, WorkerDep
-from dialoop.serve.generation import event_stream, live, sse, stop, submit
+from dialoop.serve.generation import event_stream, live, owner_of, sse, stop, submit
 from dialoop.serve.limits import check_max_tokens
 from dialoop.serve.models import version_id_of
 from dialoop.serve.trainer.common import (
@@ -79,6 +79,7 @@ async def suggest(
     generation = await submit(
         worker,
         prompt,
+        owner=owner_of(user_id),
         n=body.n,
         max_tokens=max_tokens,
         temperature=body.temperature,
