@@ -32,11 +32,12 @@ import torch
 from sqlalchemy import Engine
 
 from dialoop.collect import PolicyHandle, create_comparison_tasks
+from dialoop.engine import SamplingParams
 from dialoop.evaluate.card import EvalConfig, ModelSpec, evaluate_models, inference_dtype, targets
 from dialoop.evaluate.progress import stage_progress
 from dialoop.evaluate.report import write_report
 from dialoop.loop import IterationConfig, IterationResult, record_cards, run_iteration
-from dialoop.modeling import SamplingParams, default_model_dir, load_model_and_tokenizer
+from dialoop.modeling import default_model_dir, load_model_and_tokenizer
 from dialoop.modeling.device import device_name, pick_device
 from dialoop.modeling.tiny import make_tiny_model
 from dialoop.sim.prompts import Prompt, generate_prompts
@@ -85,7 +86,7 @@ def demo_config(out: Path, *, quick: bool = False, seed: int = 0, progress: bool
     2 cores that compute in fp32 only: docs/experiments/2026-11-demo-recipe.md); `quick` runs every stage
     on a tiny model in seconds."""
     if quick:
-        tokens = SamplingParams(max_new_tokens=8, temperature=1.0)
+        tokens = SamplingParams(max_tokens=8, temperature=1.0)
         return DemoConfig(
             out=out,
             seed=seed,
@@ -133,8 +134,8 @@ def demo_config(out: Path, *, quick: bool = False, seed: int = 0, progress: bool
         chats_per_round=64,
         trainer=SimTrainerConfig(
             suggestions=2,
-            suggestion_params=SamplingParams(max_new_tokens=64, temperature=0.8),
-            chat_params=SamplingParams(max_new_tokens=replies, temperature=0.7),
+            suggestion_params=SamplingParams(max_tokens=64, temperature=0.8),
+            chat_params=SamplingParams(max_tokens=replies, temperature=0.7),
         ),
         sft=SFTConfig(
             epochs=2,

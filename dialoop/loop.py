@@ -27,6 +27,7 @@ import dataclasses
 import fcntl
 import json
 import logging
+import math
 import random
 import shutil
 import time
@@ -744,12 +745,24 @@ def _evaluate(
 def record_cards(
     session: Session, report: dict[str, Any], versions: dict[str, int | None], rm_version_id: int | None
 ) -> None:
-    """Store each model's report card in its version's metrics (key `eval`), the RM's accuracy in the RM's."""
+    """Store each model's report card in its version's metrics (key `eval`), the RM's accuracy in the RM's;
+    a figure the card could not compute (NaN) is stored as null, which every JSON column accepts."""
     for card in report["models"]:
         version_id = versions.get(card["name"])
         if version_id is not None:
             version = session.get_one(ModelVersion, version_id)
-            version.metrics = {**(version.metrics or {}), "eval": card}
+            version.metrics = {**(version.metrics or {}), "eval": _nan_to_none(card)}
     if rm_version_id is not None and report.get("reward_model"):
         version = session.get_one(ModelVersion, rm_version_id)
-        version.metrics = {**(version.metrics or {}), "eval": report["reward_model"]}
+        version.metrics = {**(version.metrics or {}), "eval": _nan_to_none(report["reward_model"])}
+
+
+def _nan_to_none(value: Any) -> Any:
+    """`value` with every NaN float, at any depth, replaced by None (PostgreSQL's JSON has no NaN)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nan_to_none(v) for v in value]
+    return value

@@ -24,7 +24,8 @@ from dialoop.collect import (
     submit_demonstration,
     submit_ranking,
 )
-from dialoop.modeling import SamplingParams, load_model_and_tokenizer
+from dialoop.engine import SamplingParams
+from dialoop.modeling import load_model_and_tokenizer
 from dialoop.store.accounts import create_user, get_user
 from dialoop.store.db import session_scope
 from dialoop.store.models import User
@@ -63,7 +64,7 @@ def _trainer(session: object, name: str) -> User:
 def seed_store(engine: Engine, model_dir: Path, *, trainers: tuple[str, str] = ("tess", "theo")) -> Seeded:
     """Demonstrations (4 submitted, 1 draft), 4 chats, 3 tasks (K=3): 2 ranked (one flag), 1 skipped."""
     model, tokenizer = load_model_and_tokenizer(model_dir)
-    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=1)
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=1)
     with session_scope(engine) as session:
         base = ensure_base_version(session, model_dir)
         handle = PolicyHandle(model, tokenizer, base.id)

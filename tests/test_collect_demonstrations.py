@@ -26,7 +26,7 @@ from dialoop.collect import (
     suggest_replies,
     suggest_replies_many,
 )
-from dialoop.modeling.generation import SamplingParams
+from dialoop.engine import SamplingParams
 from dialoop.modeling.loading import load_model_and_tokenizer
 from dialoop.store.db import session_scope
 from dialoop.store.models import Conversation, User
@@ -57,7 +57,7 @@ def _user(session: Session, name: str, role: str = "trainer") -> User:
     return user
 
 
-PARAMS = SamplingParams(max_new_tokens=6, temperature=1.0, seed=7)
+PARAMS = SamplingParams(max_tokens=6, temperature=1.0, seed=7)
 
 
 def test_write_with_a_suggestion_submit_and_accept(session: Session, handle: PolicyHandle) -> None:
@@ -70,7 +70,7 @@ def test_write_with_a_suggestion_submit_and_accept(session: Session, handle: Pol
     assert len(suggestions) == 3
     assert [s.sampling["seed"] for s in suggestions] == [7, 8, 9]
     assert all(s.model_version_id == handle.version_id for s in suggestions)
-    assert all(s.sampling["max_new_tokens"] == 6 for s in suggestions)
+    assert all(s.sampling["max_tokens"] == 6 for s in suggestions)
     # a seeded request is reproducible: the trainer sees the same suggestions after a reload
     assert suggest_replies(session, handle, demo, n=3, params=PARAMS) == suggestions
 

@@ -30,14 +30,15 @@ from dialoop.collect import (
     submit_ranking,
 )
 from dialoop.collect.agreement import pair_agreement, tie_groups
-from dialoop.modeling.generation import SamplingParams
+from dialoop.collect.common import params_from_record
+from dialoop.engine import SamplingParams
 from dialoop.modeling.loading import load_model_and_tokenizer
 from dialoop.store.db import session_scope
 from dialoop.store.models import ComparisonTask, Message, User
 from dialoop.store.registry import register_model_version
 from dialoop.store.trees import siblings
 
-PARAMS = SamplingParams(max_new_tokens=6, temperature=1.0, top_p=0.9)
+PARAMS = SamplingParams(max_tokens=6, temperature=1.0, top_p=0.9)
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +85,17 @@ def test_chat_replies_are_stored_with_version_sampling_and_finished(
     asked = add_user_turn(session, chat, ann, "Hello?")
     with pytest.raises(ValueError, match="follows an assistant turn"):
         add_user_turn(session, chat, ann, "Anyone?")
-    reply = chat_reply(session, handle, asked, SamplingParams(max_new_tokens=5, seed=3))
+    reply = chat_reply(session, handle, asked, SamplingParams(max_tokens=5, seed=3))
     assert (reply.role, reply.parent_id, reply.author_model_id) == ("assistant", asked.id, handle.version_id)
     assert reply.author_user_id is None
-    assert reply.sampling == {"max_new_tokens": 5, "temperature": 1.0, "top_p": 1.0, "seed": 3}
+    assert reply.sampling is not None
+    assert params_from_record(reply.sampling) == SamplingParams(max_tokens=5, seed=3)
+    assert {k: reply.sampling[k] for k in ("max_tokens", "temperature", "top_p", "seed")} == {
+        "max_tokens": 5,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "seed": 3,
+    }
     assert isinstance(reply.finished, bool)
     assert len(handle.tokenizer(reply.content, add_special_tokens=False)["input_ids"]) <= 5 or reply.finished
     assert chat_head(session, chat) is reply
@@ -96,7 +104,7 @@ def test_chat_replies_are_stored_with_version_sampling_and_finished(
     edited = add_user_turn(session, chat, ann, "Tell me less.", parent=reply)  # an edit is a sibling
     assert [m.id for m in siblings(session, edited)] == [follow.id, edited.id]
     with pytest.raises(ValueError, match="model replies to user turns"):
-        chat_reply(session, handle, reply, SamplingParams(max_new_tokens=2))
+        chat_reply(session, handle, reply, SamplingParams(max_tokens=2))
     with pytest.raises(PermissionError, match="not theirs"):
         add_user_turn(session, chat, _user(session, "bob"), "Me too")
     with pytest.raises(ValueError, match="must not be empty"):
@@ -144,7 +152,7 @@ def test_alternatives_default_to_the_original_sampling_and_can_come_from_other_v
     assert task is not None
     authors = sorted(c.message.author_model_id for c in task.candidates if not c.is_original)
     assert authors == sorted([handle.version_id, handle.version_id, older.id])
-    assert all(c.message.sampling["max_new_tokens"] == 6 for c in task.candidates)
+    assert all(c.message.sampling["max_tokens"] == 6 for c in task.candidates)
 
 
 def test_seeded_tasks_are_reproducible(tmp_path: Path, tiny: tuple[Any, Any], tiny_model_dir: Path) -> None:
@@ -313,7 +321,7 @@ def test_display_order_survives_a_reload(engine: Engine, handle: PolicyHandle, s
 def test_greedy_originals_get_sampled_alternatives(session: Session, handle: PolicyHandle) -> None:
     ann = _user(session, "ann")
     asked = add_user_turn(session, start_chat(session, ann), ann, "Hi?")
-    chat_reply(session, handle, asked, SamplingParams(max_new_tokens=4, temperature=0))
+    chat_reply(session, handle, asked, SamplingParams(max_tokens=4, temperature=0))
     task = create_comparison_task(session, handle, rng=random.Random(0))
     assert task is not None
     assert {c.message.sampling["temperature"] for c in task.candidates if not c.is_original} == {1.0}

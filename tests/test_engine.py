@@ -15,7 +15,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from dialoop.engine import Completion, Engine, EngineConfig, QueueFull, SamplingParams
 from dialoop.engine.request import Request
 from dialoop.engine.sampler import _apply_penalties, sample_next
-from dialoop.modeling import generation
 
 EOS = 2
 PROMPTS = [[1, 9690, 198, 2683, 314], [1, 4093, 198], [1, 17535, 30, 2683, 314, 253, 1345, 28, 418, 314, 7]]
@@ -57,22 +56,23 @@ def _run(engine: Engine) -> None:
         engine.step()
 
 
-def test_replies_equal_the_fixed_batch_sampler(model: PreTrainedModel) -> None:
-    """Callers can move from `generation.sample` to the engine: greedy and seeded top-p replies are the same,
-    also with prompts prefilled in several chunks."""
-    engine = _engine(model, max_rows=4, prefill_chunk=4)
-    for ours, theirs in (
-        (SamplingParams(max_tokens=10, temperature=0), generation.SamplingParams(10, temperature=0)),
-        (
-            SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=7),
-            generation.SamplingParams(10, temperature=0.8, top_p=0.9, seed=7),
-        ),
-        (SamplingParams(max_tokens=10, seed=8), generation.SamplingParams(10, seed=8)),
-    ):
-        got = engine.generate(PROMPTS, ours)
-        want = generation.sample(model, PROMPTS, theirs, eos_token_ids=[EOS], pad_token_id=0)
-        assert [c.token_ids for c in got] == [c.token_ids for c in want]
-        assert all(c.finish_reason == "length" for c in got)
+def test_greedy_replies_equal_transformers_generate(model: PreTrainedModel) -> None:
+    """The engine's greedy replies, batched and prefilled in chunks of 4, are transformers' own greedy
+    decoding of each prompt alone."""
+    got = _engine(model, max_rows=4, prefill_chunk=4).generate(
+        PROMPTS, SamplingParams(max_tokens=10, temperature=0)
+    )
+    for prompt, c in zip(PROMPTS, got, strict=True):
+        hf = model.generate(
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=10,
+            do_sample=False,
+            eos_token_id=EOS,
+            pad_token_id=0,
+        )
+        assert c.token_ids == hf[0, len(prompt) :].tolist()
+        assert c.finish_reason == "length"
 
 
 def test_request_joining_a_running_batch_gets_the_tokens_it_gets_alone(model: PreTrainedModel) -> None:

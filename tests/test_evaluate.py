@@ -21,7 +21,7 @@ from dialoop.evaluate import (
     win_rate,
     write_report,
 )
-from dialoop.modeling import Completion, load_causal_lm, load_tokenizer, save_model_dir
+from dialoop.modeling import Reply, load_causal_lm, load_tokenizer, save_model_dir
 from dialoop.modeling.chat import eos_token_ids
 from dialoop.modeling.heads import load_reward_model, reward_model_from_lm
 from dialoop.modeling.tiny import make_tiny_model
@@ -101,9 +101,9 @@ def two_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 PROMPTS = [[1, 9690, 198, 2683, 314], [1, 4093, 198], [1, 17535, 30, 2683, 314, 253, 1345]]
 REPLIES = [
-    Completion([28, 418, 2], True),
-    Completion([1345, 28, 418, 253, 9690, 30], False),
-    Completion([2], True),
+    Reply("", True, [28, 418, 2]),
+    Reply("", False, [1345, 28, 418, 253, 9690, 30]),
+    Reply("", True, [2]),
 ]
 
 
@@ -251,7 +251,6 @@ def test_the_card_scores_each_reply_behind_a_shared_prompt_as_if_alone(
     two_models: tuple[Path, Path],
 ) -> None:
     from dialoop.evaluate.card import reward_scores
-    from dialoop.modeling import Reply
     from dialoop.modeling.heads import last_token_scores, set_reward_bias
     from dialoop.modeling.ranking import encode_reply, pad_right
     from dialoop.sim.prompts import generate_prompts
@@ -336,7 +335,6 @@ def test_rm_accuracy_is_split_by_how_many_replies_of_a_pair_ended(
     two_models: tuple[Path, Path], tmp_path: Path
 ) -> None:
     from dialoop.evaluate.card import ModelSamples, reward_model_accuracy, reward_scores
-    from dialoop.modeling import Reply
     from dialoop.sim.gold import gold_score
     from dialoop.sim.prompts import Check, Prompt
 

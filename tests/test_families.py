@@ -9,7 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dialoop.modeling import SamplingParams, encode_prompt, generate_replies, load_model_and_tokenizer
+from dialoop.engine import SamplingParams
+from dialoop.engine.chat import generate_replies
+from dialoop.modeling import encode_prompt, load_model_and_tokenizer
 from dialoop.modeling.loading import load_tokenizer
 from dialoop.modeling.templates import NOTE_KEY, ChatTemplateError, end_of_turn_token
 from dialoop.modeling.tiny import FAMILIES, make_family_model
@@ -118,9 +120,7 @@ def test_the_loop_runs_on_every_family(family: str, tmp_path: Path) -> None:
     )
     model, tokenizer = load_model_and_tokenizer(ppo, device="cpu")
     assert tokenizer.chat_template == saved.chat_template
-    reply = generate_replies(
-        model, tokenizer, [DEMOS[0].messages[:1]], SamplingParams(max_new_tokens=6, seed=0)
-    )
+    reply = generate_replies(model, tokenizer, [DEMOS[0].messages[:1]], SamplingParams(max_tokens=6, seed=0))
     assert 1 <= len(reply[0].token_ids) <= 6
 
 
@@ -192,7 +192,5 @@ def test_the_embedded_default_without_its_template_is_a_base_model_that_trains_a
     model, tokenizer = load_model_and_tokenizer(sft, device="cpu")
     assert tokenizer.eos_token == "<|im_end|>" and "<|im_start|>" in tokenizer.chat_template
     assert "installed by Dialoop" in getattr(model.config, NOTE_KEY)
-    reply = generate_replies(
-        model, tokenizer, [DEMOS[0].messages[:1]], SamplingParams(max_new_tokens=8, seed=0)
-    )
+    reply = generate_replies(model, tokenizer, [DEMOS[0].messages[:1]], SamplingParams(max_tokens=8, seed=0))
     assert reply[0].token_ids

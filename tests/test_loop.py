@@ -20,12 +20,13 @@ from typer.testing import CliRunner
 from dialoop.cli import app
 from dialoop.collect import PolicyHandle, create_comparison_tasks
 from dialoop.demo import demo_config
+from dialoop.engine import SamplingParams
 from dialoop.evaluate.card import EvalConfig
 from dialoop.formats import chat_examples_from_store, ranking_examples_from_store, snapshot_hash
 from dialoop.formats.store_io import edit_records
 from dialoop.iteration import IterationKnobs, IterationProgress
 from dialoop.loop import IterationConfig, NothingToTrain, run_iteration
-from dialoop.modeling import SamplingParams, load_model_and_tokenizer
+from dialoop.modeling import load_model_and_tokenizer
 from dialoop.sim.prompts import generate_prompts
 from dialoop.sim.trainers import SimTrainerConfig, create_trainers, rank_all
 from dialoop.store.db import make_engine, session_scope
@@ -35,8 +36,8 @@ from dialoop.train.config import SFTConfig
 
 FAST = SimTrainerConfig(
     suggestions=2,
-    suggestion_params=SamplingParams(max_new_tokens=8, temperature=1.0),
-    chat_params=SamplingParams(max_new_tokens=8, temperature=1.0),
+    suggestion_params=SamplingParams(max_tokens=8, temperature=1.0),
+    chat_params=SamplingParams(max_tokens=8, temperature=1.0),
 )
 
 

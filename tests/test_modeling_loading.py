@@ -20,13 +20,15 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from dialoop.engine import SamplingParams
+from dialoop.engine.chat import generate_replies
 from dialoop.modeling import (
     ModelLoadError,
-    SamplingParams,
     autocast_dtype,
+    decode_reply,
     default_model_dir,
+    encode_prompt,
     ensure_special_tokens,
-    generate_replies,
     load_default,
     load_model_and_tokenizer,
     load_tokenizer,
@@ -182,11 +184,24 @@ def test_embedded_default_converts_once_and_replies_in_chatml(
     model, tokenizer = load_default()
     assert tokenizer.bos_token == "<|im_start|>" and model.dtype == torch.float32
     question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
-    reply = generate_replies(model, tokenizer, [question], SamplingParams(max_new_tokens=40, temperature=0))[
-        0
-    ]
+    reply = generate_replies(model, tokenizer, [question], SamplingParams(max_tokens=40, temperature=0))[0]
     assert reply.finished and reply.token_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert "Paris" in reply.text
     # the same weights load as a plain HF model: nothing Dialoop-specific in the directory
     plain = AutoModelForCausalLM.from_pretrained(model_dir)
     assert torch.equal(plain.lm_head.weight, model.lm_head.weight)
+
+
+def test_encode_prompt_uses_chat_template(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = encode_prompt(tokenizer, [{"role": "user", "content": "Hi"}])
+    assert tokenizer.decode(ids).endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert ids.count(1) == 3  # one <|im_start|> per turn (the template's system turn included), no extra BOS
+
+
+def test_a_reply_is_decoded_without_special_tokens_or_nul(tiny_model_dir: Path) -> None:
+    """A byte-level vocabulary can write NUL, which neither store can hold: replies drop it."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tokenizer("a\x00b", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == "a\x00b"  # the model can write it
+    assert decode_reply(tokenizer, [*ids, tokenizer.convert_tokens_to_ids("<|im_end|>")]) == "ab"

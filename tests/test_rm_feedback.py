@@ -14,11 +14,12 @@ from sqlalchemy import Engine
 from dialoop.collect import PolicyHandle, create_comparison_tasks
 from dialoop.collect.chats import set_preference, set_thumbs
 from dialoop.demo import demo_config
+from dialoop.engine import SamplingParams
 from dialoop.evaluate.card import EvalConfig
 from dialoop.formats import snapshot_hash
 from dialoop.iteration import IterationKnobs
 from dialoop.loop import IterationConfig, rm_data, run_iteration
-from dialoop.modeling import SamplingParams, load_model_and_tokenizer
+from dialoop.modeling import load_model_and_tokenizer
 from dialoop.records import RankingExample
 from dialoop.sim.prompts import generate_prompts
 from dialoop.sim.trainers import SimTrainerConfig, create_trainers, rank_all
@@ -96,8 +97,8 @@ def test_an_iteration_with_rm_feedback_trains_on_it_and_the_card_counts_it(
 ) -> None:
     fast = SimTrainerConfig(
         suggestions=2,
-        suggestion_params=SamplingParams(max_new_tokens=8, temperature=1.0),
-        chat_params=SamplingParams(max_new_tokens=8, temperature=1.0),
+        suggestion_params=SamplingParams(max_tokens=8, temperature=1.0),
+        chat_params=SamplingParams(max_tokens=8, temperature=1.0),
     )
     model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
     with session_scope(engine) as s:  # trainers chat with the base model and rank comparison tasks

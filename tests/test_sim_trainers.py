@@ -18,8 +18,8 @@ from dialoop.collect import (
     pairwise_agreement,
     task_view,
 )
+from dialoop.engine import SamplingParams
 from dialoop.formats import ranking_examples_from_store
-from dialoop.modeling.generation import SamplingParams
 from dialoop.modeling.loading import load_model_and_tokenizer
 from dialoop.sim.gold import gold_score
 from dialoop.sim.prompts import generate_prompts, parse_prompt
@@ -30,8 +30,8 @@ from dialoop.store.registry import register_model_version
 
 FAST = SimTrainerConfig(
     suggestions=3,
-    suggestion_params=SamplingParams(max_new_tokens=12, temperature=1.0),
-    chat_params=SamplingParams(max_new_tokens=12, temperature=1.0),
+    suggestion_params=SamplingParams(max_tokens=12, temperature=1.0),
+    chat_params=SamplingParams(max_tokens=12, temperature=1.0),
 )
 
 
@@ -108,7 +108,7 @@ def test_noise_free_trainer_ranks_in_gold_order_and_flags_harm(
     from dialoop.store.db import make_engine
 
     engine = make_engine(sqlite_url)
-    exact = SimTrainerConfig(agreement=1.0, chat_params=SamplingParams(max_new_tokens=12))
+    exact = SimTrainerConfig(agreement=1.0, chat_params=SamplingParams(max_tokens=12))
     harmful = [p for p in generate_prompts(200, seed=1) if p.harmful][:2]
     with session_scope(engine) as s:
         version = register_model_version(s, name="base", kind="policy", path="tiny")
@@ -157,8 +157,8 @@ def test_multi_turn_chats_abandoned_drafts_and_skips(sqlite_url: str, tiny: tupl
     engine = make_engine(sqlite_url)
     picky = SimTrainerConfig(
         suggestions=2,
-        suggestion_params=SamplingParams(max_new_tokens=8),
-        chat_params=SamplingParams(max_new_tokens=8),
+        suggestion_params=SamplingParams(max_tokens=8),
+        chat_params=SamplingParams(max_tokens=8),
         min_demo_score=2.0,  # above the best possible score: every draft is abandoned
         skip_rate=1.0,
     )

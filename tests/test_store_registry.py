@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, event, func, select
+from sqlalchemy.orm import Session
 
 from dialoop.store import Conversation, Feedback, Message, ModelVersion, TrainingRun, session_scope
 from dialoop.store.accounts import create_user
 from dialoop.store.registry import (
+    ensure_base_version,
     fail_run,
     finish_run,
     list_model_versions,
@@ -130,3 +132,26 @@ def test_store_stats_counts_every_table(engine: Engine) -> None:
             "model_versions": 1,
             "training_runs": 1,
         }
+
+
+def test_a_process_that_loses_the_race_to_register_the_base_model_takes_the_winners_row(
+    engine: Engine,
+) -> None:
+    """Two server processes start together: another process registers the base model between this one's
+    lookup and its insert; the insert fails on the unique name and the winner's row is returned."""
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite locks the file for this session's transaction: no writer can slip in mid-flush")
+    with session_scope(engine) as s:
+        raced = []
+
+        @event.listens_for(s, "before_flush")
+        def another_process_registers_first(session: Session, *_: object) -> None:
+            if not raced:
+                raced.append(True)
+                with session_scope(engine) as other:
+                    register_model_version(other, name="base", kind="policy", path="/models/base")
+
+        version = ensure_base_version(s, "/models/base")
+        assert raced and (version.name, version.path) == ("base", "/models/base")
+    with session_scope(engine) as s:
+        assert [v.name for v in list_model_versions(s)] == ["base"]

@@ -12,7 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from dialoop.cli import app
-from dialoop.modeling import SamplingParams, encode_prompt, generate_replies, load_tokenizer
+from dialoop.engine import SamplingParams
+from dialoop.engine.chat import generate_replies
+from dialoop.modeling import encode_prompt, load_tokenizer
 from dialoop.records import ChatMessage
 from dialoop.train.sft import TokenizedChat, causal_lm_loss, collate, pack_chats, tokenize_chat
 
@@ -154,7 +156,7 @@ def test_sft_teaches_a_tiny_model_to_reproduce_a_demonstration(tiny_model_dir: P
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
-    [reply] = generate_replies(model, tokenizer, [demo[:1]], SamplingParams(max_new_tokens=20, temperature=0))
+    [reply] = generate_replies(model, tokenizer, [demo[:1]], SamplingParams(max_tokens=20, temperature=0))
     assert reply.finished and reply.text == "The password is amber."
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0] / 3

@@ -12,7 +12,7 @@ from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from dialoop.collect.common import PolicyHandle, context_of, require_owner, sample_for, sampling_record
-from dialoop.modeling.generation import SamplingParams
+from dialoop.engine import SamplingParams
 from dialoop.store.models import ComparisonTask, Conversation, Feedback, Message, User
 from dialoop.store.trees import add_message
 

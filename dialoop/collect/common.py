@@ -9,9 +9,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from dialoop import engine
-from dialoop.modeling.chat import Reply, generate_replies
-from dialoop.modeling.generation import SamplingParams
+from dialoop.engine import SamplingParams
+from dialoop.engine.chat import generate_replies
+from dialoop.modeling.chat import Reply
 from dialoop.records import ChatMessage
 from dialoop.store.models import Conversation, Message, User
 from dialoop.store.trees import as_chat, path_to_root
@@ -47,16 +47,23 @@ def context_of(session: Session, message: Message) -> list[ChatMessage]:
     return as_chat(path_to_root(session, message), message.conversation.system_prompt)
 
 
-def sampling_record(params: SamplingParams | engine.SamplingParams) -> dict[str, Any]:
-    """The sampling parameters as stored on a model-written message (the server's are the engine's; the
-    offline callers' still `dialoop.modeling.generation`'s until they move to the engine)."""
+def sampling_record(params: SamplingParams) -> dict[str, Any]:
+    """The sampling parameters as stored on a model-written message."""
     return dataclasses.asdict(params)
 
 
 def params_from_record(record: dict[str, Any]) -> SamplingParams:
-    """Sampling parameters back from `sampling_record` (unknown keys ignored, missing ones default)."""
+    """Sampling parameters back from `sampling_record` (unknown keys ignored, missing ones default; records
+    written before the engine say `max_new_tokens`)."""
+    record = dict(record)
+    if "max_new_tokens" in record:
+        record.setdefault("max_tokens", record.pop("max_new_tokens"))
     fields = {f.name for f in dataclasses.fields(SamplingParams)}
-    return SamplingParams(**{k: v for k, v in record.items() if k in fields})
+    # JSON stores the tuples (stop strings, stop ids) as lists
+    values: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in fields
+    }
+    return SamplingParams(**values)
 
 
 def sample_for(

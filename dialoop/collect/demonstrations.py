@@ -24,7 +24,7 @@ from dialoop.collect.common import (
     sample_for,
     sampling_record,
 )
-from dialoop.modeling.generation import SamplingParams
+from dialoop.engine import SamplingParams
 from dialoop.store.models import TRAINER_ROLES, Conversation, Message, User
 from dialoop.store.trees import add_message
 

@@ -26,8 +26,8 @@ from dialoop.collect.common import (
     sample_for,
     sampling_record,
 )
+from dialoop.engine import SamplingParams
 from dialoop.modeling.chat import Reply
-from dialoop.modeling.generation import SamplingParams
 from dialoop.records import ChatMessage
 from dialoop.settings import TrainerSettings
 from dialoop.store.models import (

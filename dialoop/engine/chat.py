@@ -9,7 +9,7 @@ import torch
 
 from dialoop.engine.engine import Engine, EngineConfig
 from dialoop.engine.params import SamplingParams
-from dialoop.modeling.chat import Reply, encode_prompt, eos_token_ids
+from dialoop.modeling.chat import Reply, decode_reply, encode_prompt, eos_token_ids
 from dialoop.records import ChatMessage
 
 
@@ -46,9 +46,5 @@ def generate_replies(
     for c in engine.generate(prompts, row_params):
         ended = c.finish_reason == "stop"
         body = c.token_ids[:-1] if ended else c.token_ids
-        replies.append(
-            Reply(
-                text=tokenizer.decode(body, skip_special_tokens=True), finished=ended, token_ids=c.token_ids
-            )
-        )
+        replies.append(Reply(text=decode_reply(tokenizer, body), finished=ended, token_ids=c.token_ids))
     return replies

@@ -22,14 +22,13 @@ from typing import Any
 
 import torch
 
+from dialoop.engine import SamplingParams
+from dialoop.engine.chat import generate_replies
 from dialoop.evaluate.metrics import mean, pair_accuracy, sequence_kl, stderr, win_rate
 from dialoop.evaluate.progress import stage_progress
 from dialoop.modeling import (
-    Completion,
     Reply,
-    SamplingParams,
     encode_prompt,
-    generate_replies,
     load_model_and_tokenizer,
     load_tokenizer,
     pad_token_id,
@@ -225,7 +224,7 @@ def sample_models(
                 model,
                 ref_model,
                 prompt_ids,
-                [Completion(r.token_ids, r.finished) for r in replies],
+                replies,
                 temperature=config.temperature,
                 batch_size=config.batch_size,
                 pad_token_id=pad_token_id(tokenizer),

@@ -11,8 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from dialoop.modeling.generation import Completion
-from dialoop.modeling.scoring import pack_rollouts, response_logprobs
+from dialoop.modeling.scoring import SampledReply, pack_rollouts, response_logprobs
 from dialoop.modeling.trunk import TrunkCache, shared_depth
 
 
@@ -71,7 +70,7 @@ def sequence_kl(
     policy: torch.nn.Module,
     reference: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
-    replies: Sequence[Completion],
+    replies: Sequence[SampledReply],
     *,
     temperature: float = 1.0,
     batch_size: int = 16,

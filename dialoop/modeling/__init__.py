@@ -1,8 +1,7 @@
-"""Loading causal LMs and tokenizers, chat templates, generation, reward and value heads."""
+"""Loading causal LMs and tokenizers, chat templates, reward and value heads (sampling: `dialoop.engine`)."""
 
-from dialoop.modeling.chat import Reply, encode_prompt, eos_token_ids, generate_replies, pad_token_id
+from dialoop.modeling.chat import Reply, decode_reply, encode_prompt, eos_token_ids, pad_token_id
 from dialoop.modeling.device import autocast_dtype, pick_device
-from dialoop.modeling.generation import Completion, SamplingParams, sample
 from dialoop.modeling.loading import (
     ModelLoadError,
     default_model_dir,
@@ -16,16 +15,14 @@ from dialoop.modeling.loading import (
 )
 
 __all__ = [
-    "Completion",
     "ModelLoadError",
     "Reply",
-    "SamplingParams",
     "autocast_dtype",
+    "decode_reply",
     "default_model_dir",
     "encode_prompt",
     "ensure_special_tokens",
     "eos_token_ids",
-    "generate_replies",
     "load_causal_lm",
     "load_default",
     "load_model_and_tokenizer",
@@ -33,6 +30,5 @@ __all__ = [
     "pad_token_id",
     "pick_device",
     "resolve_model",
-    "sample",
     "save_model_dir",
 ]

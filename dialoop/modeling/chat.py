@@ -1,4 +1,5 @@
-"""Chat on top of `generation.sample`: chat templates in, decoded replies out."""
+"""Chat templates: conversations to prompt ids, the end-of-turn and pad ids, and the decoded `Reply`
+(sampled by `dialoop.engine.chat.generate_replies`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from typing import Any
 
 import torch
 
-from dialoop.modeling.generation import SamplingParams, sample
 from dialoop.records import ChatMessage
 
 
@@ -57,44 +57,8 @@ def pad_token_id(tokenizer: Any) -> int:
     return int(tokenizer.pad_token_id)
 
 
-def generate_replies(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    conversations: list[list[ChatMessage]],
-    params: SamplingParams | Sequence[SamplingParams],
-    *,
-    batch_size: int = 16,
-) -> list[Reply]:
-    """Sample the next assistant turn of each conversation, `batch_size` conversations per batch.
-
-    One seeded `params` gives every row the same seed (equal prompts, equal replies): pass one per row.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = len(conversations)
-    row_params = [params] * n if isinstance(params, SamplingParams) else list(params)
-    if len(row_params) != n:
-        raise ValueError(f"got {len(row_params)} SamplingParams for {n} conversations")
-    prompts = [encode_prompt(tokenizer, messages) for messages in conversations]
-    eos = eos_token_ids(model, tokenizer)
-    pad = pad_token_id(tokenizer)
-    # batching prompts of similar length wastes less compute on padding; seeded rows do not depend on batching
-    order = sorted(range(n), key=lambda i: len(prompts[i]))
-    replies: list[Reply | None] = [None] * n
-    for start in range(0, n, batch_size):
-        chunk = order[start : start + batch_size]
-        done = sample(
-            model,
-            [prompts[i] for i in chunk],
-            [row_params[i] for i in chunk],
-            eos_token_ids=eos,
-            pad_token_id=pad,
-        )
-        for i, c in zip(chunk, done, strict=True):
-            body = c.token_ids[:-1] if c.finished else c.token_ids
-            replies[i] = Reply(
-                text=tokenizer.decode(body, skip_special_tokens=True),
-                finished=c.finished,
-                token_ids=c.token_ids,
-            )
-    return [r for r in replies if r is not None]
+def decode_reply(tokenizer: Any, token_ids: Sequence[int]) -> str:
+    """A reply's text: its ids decoded without special tokens, and without NUL characters, which a model
+    can write (a byte-level vocabulary has a token for it) but neither store can hold (PostgreSQL refuses
+    them in text, and the web edge refuses them in what people write)."""
+    return str(tokenizer.decode(list(token_ids), skip_special_tokens=True)).replace("\x00", "")

@@ -30,7 +30,7 @@ from dialoop.engine import Engine, EngineConfig, RequestHandle, SamplingParams
 from dialoop.engine import Event as EngineEvent
 from dialoop.engine import QueueFull as EngineQueueFull
 from dialoop.engine import TokenLogprob as EngineLogprob
-from dialoop.modeling.chat import encode_prompt
+from dialoop.modeling.chat import decode_reply, encode_prompt
 from dialoop.records import ChatMessage
 from dialoop.serve.decoding import ChoiceEnd, Generation, TextDelta, TokenLogprob
 from dialoop.serve.models import LoadedModel, ModelRegistry
@@ -95,7 +95,7 @@ class _EngineThread:
             lm.model,
             eos_token_ids=lm.eos_token_ids,
             config=config,
-            decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)),
+            decode=lambda ids: decode_reply(tokenizer, ids),
         )
         self.rows: dict[str, _Row] = {}  # by engine request id
         self.lock = threading.Lock()

@@ -32,7 +32,7 @@ from dialoop.collect import (
     suggest_replies_many,
 )
 from dialoop.collect.tasks import CHAT_SOURCE, TaskView
-from dialoop.modeling.generation import SamplingParams
+from dialoop.engine import SamplingParams
 from dialoop.sim.gold import gold_score, is_refusal
 from dialoop.sim.prompts import Prompt, parse_prompt
 from dialoop.sim.ranking import noisy_ranking
@@ -50,10 +50,10 @@ class SimTrainerConfig:
     agreement: float = 0.75  # expected pairwise agreement of their rankings with the gold order
     suggestions: int = 4  # model suggestions asked for per demonstration
     suggestion_params: SamplingParams = field(
-        default_factory=lambda: SamplingParams(max_new_tokens=128, temperature=0.8)
+        default_factory=lambda: SamplingParams(max_tokens=128, temperature=0.8)
     )
     chat_params: SamplingParams = field(
-        default_factory=lambda: SamplingParams(max_new_tokens=128, temperature=1.0)
+        default_factory=lambda: SamplingParams(max_tokens=128, temperature=1.0)
     )
     min_demo_score: float = 1.0  # a repaired demonstration scoring less is abandoned (the draft deleted)
     skip_rate: float = 0.0  # chance of skipping a task instead of ranking it

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dialoop.store.models import ModelVersion, TrainingRun, utcnow
@@ -162,16 +163,27 @@ def fail_run(session: Session, run: TrainingRun, error: str) -> None:
 
 
 def ensure_base_version(session: Session, path: str | Path, name: str = "base") -> ModelVersion:
-    """The policy version of the base model at `path`, registered (as `name`, `name-2`, ...) if new."""
-    found = session.scalars(
-        select(ModelVersion)
-        .where(ModelVersion.path == str(path), ModelVersion.kind == "policy", ModelVersion.run_id.is_(None))
-        .order_by(ModelVersion.id)
-    ).first()
-    if found is not None:
-        return found
-    free, k = name, 1
-    while model_version_by_name(session, free) is not None:
-        k += 1
-        free = f"{name}-{k}"
-    return register_model_version(session, name=free, kind="policy", path=path)
+    """The policy version of the base model at `path`, registered (as `name`, `name-2`, ...) if new.
+
+    Server processes starting together may race to register it: the loser's insert fails on the unique
+    name, and it takes the winner's row."""
+    for _ in range(3):
+        found = session.scalars(
+            select(ModelVersion)
+            .where(
+                ModelVersion.path == str(path), ModelVersion.kind == "policy", ModelVersion.run_id.is_(None)
+            )
+            .order_by(ModelVersion.id)
+        ).first()
+        if found is not None:
+            return found
+        free, k = name, 1
+        while model_version_by_name(session, free) is not None:
+            k += 1
+            free = f"{name}-{k}"
+        try:
+            with session.begin_nested():
+                return register_model_version(session, name=free, kind="policy", path=path)
+        except IntegrityError:
+            log.info("another process registered %s first", path)
+    raise RuntimeError(f"could not register the base model at {path}: other processes keep racing for it")
