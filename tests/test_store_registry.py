@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 from dialoop.store import Conversation, Feedback, Message, ModelVersion, TrainingRun, session_scope
 from dialoop.store.accounts import create_user
 from dialoop.store.registry import (
-    ensure_base_version,
+    ensure_base_version_id,
     fail_run,
     finish_run,
     list_model_versions,
@@ -138,20 +138,19 @@ def test_a_process_that_loses_the_race_to_register_the_base_model_takes_the_winn
     engine: Engine,
 ) -> None:
     """Two server processes start together: another process registers the base model between this one's
-    lookup and its insert; the insert fails on the unique name and the winner's row is returned."""
-    if engine.dialect.name == "sqlite":
-        pytest.skip("SQLite locks the file for this session's transaction: no writer can slip in mid-flush")
-    with session_scope(engine) as s:
-        raced = []
+    lookup and its insert; the insert fails and a fresh look finds the winner's row."""
+    raced = []
 
-        @event.listens_for(s, "before_flush")
-        def another_process_registers_first(session: Session, *_: object) -> None:
-            if not raced:
-                raced.append(True)
-                with session_scope(engine) as other:
-                    register_model_version(other, name="base", kind="policy", path="/models/base")
+    def another_process_registers_first(session: Session, *_: object) -> None:
+        if not raced:
+            raced.append(True)
+            with session_scope(engine) as other:
+                register_model_version(other, name="base", kind="policy", path="/models/base")
 
-        version = ensure_base_version(s, "/models/base")
-        assert raced and (version.name, version.path) == ("base", "/models/base")
+    event.listen(Session, "before_flush", another_process_registers_first)
+    try:
+        version_id = ensure_base_version_id(engine, "/models/base")
+    finally:
+        event.remove(Session, "before_flush", another_process_registers_first)
     with session_scope(engine) as s:
-        assert [v.name for v in list_model_versions(s)] == ["base"]
+        assert raced and [(v.id, v.name) for v in list_model_versions(s)] == [(version_id, "base")]

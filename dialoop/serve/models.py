@@ -24,7 +24,7 @@ from dialoop.modeling.chat import eos_token_ids, pad_token_id
 from dialoop.modeling.loading import load_model_and_tokenizer, resolve_model
 from dialoop.store.db import session_scope
 from dialoop.store.registry import (
-    ensure_base_version,
+    ensure_base_version_id,
     list_model_versions,
     model_version_by_name,
     served_model,
@@ -240,4 +240,5 @@ def version_id_of(session: Session, entry: ModelEntry) -> int:
     alternatives) is credited to that version."""
     if entry.version_id is not None:
         return entry.version_id
-    return ensure_base_version(session, entry.path, entry.name).id
+    bind = session.get_bind()  # registered in a session of its own: other server processes may race for it
+    return ensure_base_version_id(bind if isinstance(bind, Engine) else bind.engine, entry.path, entry.name)

@@ -1,18 +1,21 @@
 """Model versions (with lineage and the one served policy) and training runs.
 
-Functions take a session and only flush; the caller's `session_scope` commits.
+Functions take a session and only flush; the caller's `session_scope` commits (`ensure_base_version_id`
+alone commits a session of its own).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from dialoop.store.db import session_scope
 from dialoop.store.models import ModelVersion, TrainingRun, utcnow
 
 log = logging.getLogger(__name__)
@@ -163,27 +166,32 @@ def fail_run(session: Session, run: TrainingRun, error: str) -> None:
 
 
 def ensure_base_version(session: Session, path: str | Path, name: str = "base") -> ModelVersion:
-    """The policy version of the base model at `path`, registered (as `name`, `name-2`, ...) if new.
+    """The policy version of the base model at `path`, registered (as `name`, `name-2`, ...) if new."""
+    found = session.scalars(
+        select(ModelVersion)
+        .where(ModelVersion.path == str(path), ModelVersion.kind == "policy", ModelVersion.run_id.is_(None))
+        .order_by(ModelVersion.id)
+    ).first()
+    if found is not None:
+        return found
+    free, k = name, 1
+    while model_version_by_name(session, free) is not None:
+        k += 1
+        free = f"{name}-{k}"
+    return register_model_version(session, name=free, kind="policy", path=path)
 
-    Server processes starting together may race to register it: the loser's insert fails on the unique
-    name, and it takes the winner's row."""
-    for _ in range(3):
-        found = session.scalars(
-            select(ModelVersion)
-            .where(
-                ModelVersion.path == str(path), ModelVersion.kind == "policy", ModelVersion.run_id.is_(None)
-            )
-            .order_by(ModelVersion.id)
-        ).first()
-        if found is not None:
-            return found
-        free, k = name, 1
-        while model_version_by_name(session, free) is not None:
-            k += 1
-            free = f"{name}-{k}"
+
+def ensure_base_version_id(engine: Engine, path: str | Path, name: str = "base", attempts: int = 5) -> int:
+    """`ensure_base_version` in a session of its own, for server processes that may race to register the
+    same base model: the loser's insert fails (the unique name; on SQLite also "database is locked", its
+    read snapshot being stale), and a fresh session then finds the winner's row."""
+    for attempt in range(attempts):
         try:
-            with session.begin_nested():
-                return register_model_version(session, name=free, kind="policy", path=path)
-        except IntegrityError:
-            log.info("another process registered %s first", path)
-    raise RuntimeError(f"could not register the base model at {path}: other processes keep racing for it")
+            with session_scope(engine) as session:
+                return ensure_base_version(session, path, name).id
+        except (IntegrityError, OperationalError):
+            if attempt == attempts - 1:
+                raise
+            log.info("another process registered %s first; looking again", path)
+            time.sleep(0.05 * 2**attempt)
+    raise AssertionError("unreachable")
