@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from word_data import DEMOS, RANKINGS
 
 from dialoop.engine import SamplingParams
 from dialoop.engine.chat import generate_replies
@@ -15,28 +16,12 @@ from dialoop.modeling import encode_prompt, load_model_and_tokenizer
 from dialoop.modeling.loading import load_tokenizer
 from dialoop.modeling.templates import NOTE_KEY, ChatTemplateError, end_of_turn_token
 from dialoop.modeling.tiny import FAMILIES, make_family_model
-from dialoop.records import ChatExample, RankingExample
 from dialoop.train.config import RewardConfig, SFTConfig
 from dialoop.train.ppo import train_ppo
 from dialoop.train.ppo_config import PPOConfig
 from dialoop.train.reward import train_reward_model
 from dialoop.train.sft import train_sft
 
-WORDS = ["cats", "dogs", "tea", "sun"]
-DEMOS = [
-    ChatExample(
-        messages=[{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": f"{w}!"}]
-    )
-    for w in WORDS
-]
-RANKINGS = [
-    RankingExample(
-        prompt=[{"role": "user", "content": f"Say {w}."}],
-        completions=[f"{w}!", "no", "maybe"],
-        ranking=[0, 1, 2],
-    )
-    for w in WORDS
-]
 EXPECTED_EOS = {
     "llama": "<|eot_id|>",
     "qwen2": "<|im_end|>",

@@ -11,31 +11,16 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
+from word_data import DEMOS, RANKINGS
 
 from dialoop.modeling.heads import reward_model_from_lm
 from dialoop.modeling.loading import ModelLoadError, load_model_and_tokenizer
 from dialoop.modeling.tiny import make_family_model
-from dialoop.records import ChatExample, RankingExample
 from dialoop.train.common import add_lora, merge_lora
 from dialoop.train.config import RewardConfig, SFTConfig
 from dialoop.train.reward import train_reward_model
 from dialoop.train.sft import train_sft
 
-WORDS = ["cats", "dogs", "tea", "sun"]
-DEMOS = [
-    ChatExample(
-        messages=[{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": f"{w}!"}]
-    )
-    for w in WORDS
-]
-RANKINGS = [
-    RankingExample(
-        prompt=[{"role": "user", "content": f"Say {w}."}],
-        completions=[f"{w}!", "no", "maybe"],
-        ranking=[0, 1, 2],
-    )
-    for w in WORDS
-]
 COMMON: dict[str, object] = dict(
     precision="fp32",
     progress=False,
